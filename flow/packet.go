@@ -1,6 +1,9 @@
 package flow
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+	"sync"
+)
 
 // Packet is one captured TCP packet on its way from capture to a saver.
 //
@@ -86,4 +89,29 @@ func (b *Builder) Build(data []byte, link LinkType, ts int64, origLen int) (Pack
 		L4:   uint16(h.L4 + shift),
 		IPv6: h.IPv6,
 	}, h, nil
+}
+
+// BatchSize is the most packets a Batch carries. Handing packets from the
+// capture goroutine to the demuxer a batch at a time costs one channel
+// operation per batch instead of per packet.
+const BatchSize = 128
+
+// Batch is a group of packets handed from a capture goroutine to the
+// demuxer. Get one with GetBatch; the receiver returns it with PutBatch once
+// it has taken the packets out.
+type Batch struct {
+	Packets []Packet
+}
+
+var batchPool = sync.Pool{New: func() any { return &Batch{Packets: make([]Packet, 0, BatchSize)} }}
+
+// GetBatch returns an empty batch from a pool.
+func GetBatch() *Batch { return batchPool.Get().(*Batch) }
+
+// PutBatch returns a batch to the pool. Its packets' references are cleared
+// so that the pool does not pin their bytes.
+func PutBatch(b *Batch) {
+	clear(b.Packets)
+	b.Packets = b.Packets[:0]
+	batchPool.Put(b)
 }

@@ -1,0 +1,384 @@
+// Package demuxer owns the flow table: it sends each captured packet to the
+// saver of its flow, holds the packets of flows whose UUID is not known yet,
+// starts a saver when a flow's UUID arrives, and ends flows that have gone
+// idle.
+//
+// All of the demuxer's state belongs to the one goroutine that runs Run, so
+// the per-packet path takes no lock of its own.
+package demuxer
+
+import (
+	"context"
+	"log/slog"
+	"runtime/metrics"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/m-lab/packet-headers/flow"
+	phmetrics "github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/saver"
+)
+
+// Open says that the flow Key is named UUID, as of Time (tcp-info's Open
+// event timestamp, which also dates the flow's file).
+type Open struct {
+	Key  flow.Key
+	UUID string
+	Time time.Time
+}
+
+// Defaults for the limits that have no flag of the original's.
+const (
+	// DefaultMaxPending bounds the flows waiting for a UUID. A pending flow
+	// costs about 400 bytes (its table entry, one queued packet and its
+	// header bytes), so 100,000 of them are about 40 MB: room for 20,000
+	// new flows a second with a five-second UUID wait, and a SYN flood
+	// beyond that evicts the oldest pending flows rather than growing.
+	DefaultMaxPending = 100_000
+	// DefaultPendingPackets bounds the packets held for one pending flow.
+	// tcp-info names a flow within a poll (10 ms) of it being established;
+	// a flow in slow start sends far fewer than this in that time.
+	DefaultPendingPackets = 4096
+)
+
+// Config holds the demuxer's settings.
+type Config struct {
+	// FlowTimeout: a flow without packets for one to two FlowTimeouts has
+	// ended; its saver publishes its file.
+	FlowTimeout time.Duration
+	// UUIDWait: a flow whose UUID has not arrived this long after its first
+	// packet is dropped, with its packets.
+	UUIDWait time.Duration
+	// MaxFlows limits the flows in the table; 0 means no limit.
+	MaxFlows int
+	// MaxHeap: while the Go heap is larger than this many bytes, new flows
+	// are refused; 0 means no limit.
+	MaxHeap uint64
+	// MaxPending limits the flows waiting for a UUID (the oldest is dropped
+	// to make room); 0 means DefaultMaxPending.
+	MaxPending int
+	// PendingPackets limits the packets held per pending flow; 0 means
+	// DefaultPendingPackets.
+	PendingPackets int
+
+	Saver   *saver.Config
+	Metrics *phmetrics.Metrics
+	Log     *slog.Logger
+	// LogKey formats a flow for logs (for example with anonymized
+	// addresses); nil means flow.Key.String.
+	LogKey func(flow.Key) string
+}
+
+// entry is one flow in the table. Exactly one of saver and pending is in use:
+// a flow is pending until its UUID arrives.
+type entry struct {
+	saver   *saver.Saver
+	pending []flow.Packet
+	gen     uint64 // the GC generation in which the flow last had a packet
+}
+
+// pendingRef is a pending flow in the order flows became pending.
+type pendingRef struct {
+	key      flow.Key
+	e        *entry
+	deadline int64 // unix ns
+}
+
+// Demuxer is the flow table. Create it with New and run it with Run.
+type Demuxer struct {
+	cfg      Config
+	flows    map[flow.Key]*entry
+	fifo     []pendingRef // pending flows, oldest first; stale refs are skipped
+	fifoHead int
+	npending int
+	gen      uint64
+	overHeap bool
+	wg       sync.WaitGroup
+
+	missedPending prometheus.Counter
+	shedMaxFlows  prometheus.Counter
+	shedMaxHeap   prometheus.Counter
+	droppedWait   prometheus.Counter
+	droppedLimit  prometheus.Counter
+	uuidTimedOut  prometheus.Counter
+	heapSample    []metrics.Sample
+}
+
+// New creates a demuxer.
+func New(cfg Config) *Demuxer {
+	if cfg.MaxPending <= 0 {
+		cfg.MaxPending = DefaultMaxPending
+	}
+	if cfg.PendingPackets <= 0 {
+		cfg.PendingPackets = DefaultPendingPackets
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.LogKey == nil {
+		cfg.LogKey = flow.Key.String
+	}
+	m := cfg.Metrics
+	return &Demuxer{
+		cfg:           cfg,
+		flows:         make(map[flow.Key]*entry),
+		gen:           2, // so that gen-1 never underflows
+		missedPending: m.MissedPackets.WithLabelValues("pending"),
+		shedMaxFlows:  m.FlowsShed.WithLabelValues("maxflows"),
+		shedMaxHeap:   m.FlowsShed.WithLabelValues("maxheap"),
+		droppedWait:   m.PendingDropped.WithLabelValues("uuidtimeout"),
+		droppedLimit:  m.PendingDropped.WithLabelValues("limit"),
+		uuidTimedOut:  m.SaverErrors.WithLabelValues("uuidtimedout"),
+		heapSample:    []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}},
+	}
+}
+
+// Run demultiplexes until packets is closed: it takes batches of packets
+// (and returns each batch to flow.PutBatch) and UUID events, then, once
+// packets is closed, ends every flow (savers publish what they have) and waits
+// for all savers to finish. Closing packets is how the daemon shuts down: it
+// stops capturing first so that no packet with a UUID is lost. ctx only
+// stops the waiting for events; events may stay open.
+func (d *Demuxer) Run(ctx context.Context, packets <-chan *flow.Batch, events <-chan Open) {
+	gc := time.NewTicker(d.cfg.FlowTimeout)
+	defer gc.Stop()
+	// Pending flows are checked several times per UUIDWait so that one
+	// lives at most 25% longer than its wait.
+	sweep := time.NewTicker(max(d.cfg.UUIDWait/4, time.Millisecond))
+	defer sweep.Stop()
+	for {
+		select {
+		case b, ok := <-packets:
+			if !ok {
+				d.shutdown()
+				return
+			}
+			for i := range b.Packets {
+				d.Packet(b.Packets[i])
+			}
+			flow.PutBatch(b)
+		case ev := <-events:
+			d.Open(ev)
+		case <-gc.C:
+			d.GC()
+		case now := <-sweep.C:
+			d.expirePending(now.UnixNano())
+			d.checkHeap()
+		case <-ctx.Done():
+			events = nil
+			ctx = context.Background()
+		}
+	}
+}
+
+// Packet routes one packet. It must only be called from Run's goroutine, or
+// in place of Run (tests and offline replays drive the demuxer directly).
+func (d *Demuxer) Packet(p flow.Packet) {
+	e, ok := d.flows[p.Key]
+	if !ok {
+		if !d.admit() {
+			d.cfg.Metrics.DemuxerIgnored.Inc()
+			return
+		}
+		e = d.newPending(p.Key, time.Now().UnixNano())
+	}
+	e.gen = d.gen
+	if e.saver != nil {
+		e.saver.Push(p)
+		return
+	}
+	if len(e.pending) >= d.cfg.PendingPackets {
+		d.missedPending.Inc()
+		return
+	}
+	e.pending = append(e.pending, p)
+}
+
+// admit decides whether a new flow may enter the table.
+func (d *Demuxer) admit() bool {
+	switch {
+	case d.cfg.MaxFlows > 0 && len(d.flows) >= d.cfg.MaxFlows:
+		d.shedMaxFlows.Inc()
+	case d.overHeap:
+		d.shedMaxHeap.Inc()
+	default:
+		return true
+	}
+	d.cfg.Metrics.SaverSkipped.Inc()
+	return false
+}
+
+func (d *Demuxer) newPending(k flow.Key, now int64) *entry {
+	if d.npending >= d.cfg.MaxPending {
+		d.evictOldestPending()
+	}
+	e := &entry{}
+	d.flows[k] = e
+	d.fifo = append(d.fifo, pendingRef{key: k, e: e, deadline: now + int64(d.cfg.UUIDWait)})
+	d.npending++
+	d.gauges()
+	return e
+}
+
+// Open names a flow. It must only be called from Run's goroutine, or in
+// place of Run.
+func (d *Demuxer) Open(ev Open) {
+	d.cfg.Metrics.DemuxerUUIDCount.Inc()
+	e, ok := d.flows[ev.Key]
+	switch {
+	case !ok:
+		// The UUID arrived before the flow's first packet (or after the
+		// flow was dropped): the saver waits for packets.
+		if !d.admit() {
+			d.cfg.Metrics.MissedUUIDs.WithLabelValues("skipped").Inc()
+			return
+		}
+		e = &entry{gen: d.gen}
+		d.flows[ev.Key] = e
+		d.startSaver(e, ev)
+	case e.saver == nil:
+		d.startSaver(e, ev)
+		for _, p := range e.pending {
+			e.saver.Push(p)
+		}
+		e.pending = nil
+		d.npending--
+	case e.saver.UUID() == ev.UUID:
+		// tcp-info sends Open again for every live socket when it
+		// restarts: nothing to do.
+	default:
+		// The 4-tuple was reused by a new socket before the old flow was
+		// collected: end the old flow, start the new one.
+		e.saver.Close()
+		d.startSaver(e, ev)
+	}
+	d.gauges()
+}
+
+func (d *Demuxer) startSaver(e *entry, ev Open) {
+	log := d.cfg.Log.With("uuid", ev.UUID, "flow", d.cfg.LogKey(ev.Key))
+	e.saver = saver.New(d.cfg.Saver, ev.UUID, ev.Time, log)
+	d.wg.Go(e.saver.Run)
+}
+
+// GC ends flows without packets since the previous call: their savers
+// publish. Run calls it every FlowTimeout, so a flow is ended after one to two
+// FlowTimeouts of silence.
+func (d *Demuxer) GC() {
+	start := time.Now()
+	for k, e := range d.flows {
+		if e.gen >= d.gen {
+			continue
+		}
+		if e.saver != nil {
+			e.saver.Close()
+			d.cfg.Metrics.DemuxerSaversGCed.Inc()
+		} else {
+			d.dropPending(e, d.droppedWait)
+		}
+		delete(d.flows, k)
+	}
+	d.gen++
+	d.compactFIFO()
+	d.gauges()
+	d.cfg.Metrics.DemuxerGCLatency.Observe(time.Since(start).Seconds())
+}
+
+// expirePending drops the flows that have waited UUIDWait for their UUID.
+func (d *Demuxer) expirePending(now int64) {
+	for d.fifoHead < len(d.fifo) {
+		r := d.fifo[d.fifoHead]
+		if d.isPending(r) && r.deadline > now {
+			break
+		}
+		d.popPending(d.droppedWait)
+	}
+	d.compactFIFO()
+	d.gauges()
+}
+
+func (d *Demuxer) evictOldestPending() {
+	for d.fifoHead < len(d.fifo) {
+		r := d.fifo[d.fifoHead]
+		d.popPending(d.droppedLimit)
+		if d.isPending(r) {
+			return
+		}
+	}
+}
+
+// isPending reports whether a FIFO ref still denotes a pending flow in the
+// table (the flow may have been named or collected since).
+func (d *Demuxer) isPending(r pendingRef) bool {
+	e, ok := d.flows[r.key]
+	return ok && e == r.e && e.saver == nil
+}
+
+// popPending removes the oldest FIFO ref, dropping its flow if still pending.
+func (d *Demuxer) popPending(reason prometheus.Counter) {
+	r := d.fifo[d.fifoHead]
+	d.fifo[d.fifoHead] = pendingRef{}
+	d.fifoHead++
+	if d.isPending(r) {
+		d.dropPending(r.e, reason)
+		delete(d.flows, r.key)
+	}
+}
+
+func (d *Demuxer) dropPending(e *entry, reason prometheus.Counter) {
+	reason.Inc()
+	if reason == d.droppedWait {
+		// The original counted a flow that never got its UUID as a
+		// saver error with this reason; dashboards watch it.
+		d.uuidTimedOut.Inc()
+	}
+	d.cfg.Metrics.DemuxerIgnored.Add(float64(len(e.pending)))
+	clear(e.pending)
+	e.pending = nil
+	d.npending--
+}
+
+// compactFIFO reclaims the FIFO's consumed head once it is most of the slice.
+func (d *Demuxer) compactFIFO() {
+	if d.fifoHead > 1024 && d.fifoHead*2 > len(d.fifo) {
+		n := copy(d.fifo, d.fifo[d.fifoHead:])
+		clear(d.fifo[n:])
+		d.fifo = d.fifo[:n]
+		d.fifoHead = 0
+	}
+}
+
+// checkHeap samples the heap for the -maxheap limit. Reading one runtime
+// metric is cheap (no stop-the-world, unlike runtime.ReadMemStats).
+func (d *Demuxer) checkHeap() {
+	if d.cfg.MaxHeap == 0 {
+		return
+	}
+	metrics.Read(d.heapSample)
+	d.overHeap = d.heapSample[0].Value.Uint64() > d.cfg.MaxHeap
+}
+
+func (d *Demuxer) gauges() {
+	d.cfg.Metrics.DemuxerSaversActive.Set(float64(len(d.flows)))
+	d.cfg.Metrics.PendingFlows.Set(float64(d.npending))
+}
+
+// Flush ends every flow now and waits for the savers to publish. Run calls
+// it when packets is closed.
+func (d *Demuxer) Flush() { d.shutdown() }
+
+func (d *Demuxer) shutdown() {
+	for k, e := range d.flows {
+		if e.saver != nil {
+			e.saver.Close()
+		} else {
+			d.dropPending(e, d.droppedWait)
+		}
+		delete(d.flows, k)
+	}
+	d.fifo, d.fifoHead = nil, 0
+	d.gauges()
+	d.wg.Wait()
+}

@@ -1,0 +1,414 @@
+// Package saver writes one TCP flow's packet headers to its pcap file.
+//
+// A Saver exists for each flow whose UUID is known. It saves the first
+// CaptureDuration of the flow (from its first packet), as gzip around a
+// classic nanosecond pcap with link type Ethernet, to
+// <Dir>/YYYY/MM/DD/<UUID>.pcap.gz, and publishes the file atomically: the file
+// is written unnamed (O_TMPFILE) and linked under its final name only once
+// complete, never replacing an existing file.
+package saver
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"github.com/m-lab/packet-headers/flow"
+	"github.com/m-lab/packet-headers/metrics"
+)
+
+// Anonymizer rewrites the addresses of one packet in place (keeping its
+// checksums consistent). *anonymize.Anonymizer implements it.
+type Anonymizer interface {
+	Packet(data []byte, l3, l4 int, ipv6 bool)
+}
+
+// DefaultMaxBacklog is how many packets may wait for a saver before further
+// packets of its flow are dropped (and counted in pcap_missed_packets_total).
+// At about 100 bytes a queued packet, a full backlog is about 6.5 MB, and it
+// holds about 200 ms of a 300,000 packet/s flow: far longer than a saver
+// needs to compress a chunk, so only a saver blocked on the disk fills it.
+const DefaultMaxBacklog = 1 << 16
+
+// Config is shared by all the savers of a daemon. It must not be changed
+// once the first saver is created.
+type Config struct {
+	// Dir is the data directory. It should be absolute: a relative Dir is
+	// taken relative to the working directory at the time of each write.
+	Dir string
+	// CaptureDuration is how much of each flow, from its first packet, is
+	// saved.
+	CaptureDuration time.Duration
+	// Stream writes each flow's file as its packets arrive instead of
+	// buffering the compressed file in RAM until the flow's end. Both give
+	// identical files.
+	Stream bool
+	// Anon, if not nil, anonymizes every packet before it is written.
+	Anon Anonymizer
+	// MaxBacklog bounds each saver's queue; 0 means DefaultMaxBacklog.
+	MaxBacklog int
+	Metrics    *metrics.Metrics
+	Log        *slog.Logger
+
+	once    sync.Once
+	missed  [numStates]prometheus.Counter
+	gauges  [numStates]prometheus.Gauge
+	errs    [numStates]prometheus.Counter
+	lastLog atomic.Int64 // unix ns of the last rate-limited error log
+}
+
+// init resolves the labelled metrics once, so that the per-packet path never
+// hashes label values.
+func (c *Config) init() {
+	c.once.Do(func() {
+		if c.MaxBacklog <= 0 {
+			c.MaxBacklog = DefaultMaxBacklog
+		}
+		if c.Log == nil {
+			c.Log = slog.New(slog.DiscardHandler)
+		}
+		for s := State(0); s < numStates; s++ {
+			c.missed[s] = c.Metrics.MissedPackets.WithLabelValues(s.String())
+			c.gauges[s] = c.Metrics.SaverCount.WithLabelValues(s.String())
+			if r, ok := errorReasons[s]; ok {
+				c.errs[s] = c.Metrics.SaverErrors.WithLabelValues(r)
+			}
+		}
+	})
+}
+
+// logError logs at most one saver error a second across all savers: when the
+// disk is full every flow fails, and the counters say how many.
+func (c *Config) logError(log *slog.Logger, msg string, err error) {
+	now := time.Now().UnixNano()
+	last := c.lastLog.Load()
+	if now-last < int64(time.Second) || !c.lastLog.CompareAndSwap(last, now) {
+		return
+	}
+	log.Error(msg, "err", err)
+}
+
+// Saver saves one flow. Push and Close are called by one goroutine (the
+// demuxer); Run is the saver's own goroutine. State is safe to call from
+// anywhere.
+type Saver struct {
+	cfg    *Config
+	uuid   string
+	opened time.Time
+	log    *slog.Logger
+
+	mu     sync.Mutex
+	queue  []flow.Packet // packets pushed and not yet taken by Run
+	closed bool          // Close was called
+	exited bool          // Run has returned
+	wake   chan struct{} // capacity 1: "the queue has packets or closed is set"
+
+	state      atomic.Int32
+	discarding atomic.Bool // nothing more will be saved; Push drops silently
+
+	// Owned by Run.
+	spare   []flow.Packet
+	w       *pcapWriter
+	file    *os.File      // the unnamed file (stream mode: from the first packet)
+	buf     *bytes.Buffer // the compressed file (buffered mode)
+	first   int64         // timestamp of the first packet
+	timer   *time.Timer
+	timerC  <-chan time.Time
+	dirPath string
+}
+
+// New creates the saver of the flow named uuid, whose Open event has the
+// timestamp opened (it dates the file's directory). Start it with
+// go s.Run().
+func New(cfg *Config, uuid string, opened time.Time, log *slog.Logger) *Saver {
+	cfg.init()
+	if log == nil {
+		log = cfg.Log
+	}
+	s := &Saver{
+		cfg:    cfg,
+		uuid:   uuid,
+		opened: opened,
+		log:    log,
+		wake:   make(chan struct{}, 1),
+	}
+	cfg.gauges[NotStarted].Inc()
+	return s
+}
+
+// UUID returns the flow's UUID.
+func (s *Saver) UUID() string { return s.uuid }
+
+// Path returns the file's final path.
+func (s *Saver) Path() string { return DatePath(s.cfg.Dir, s.uuid, s.opened) }
+
+// State returns the saver's current state.
+func (s *Saver) State() State { return State(s.state.Load()) }
+
+func (s *Saver) setState(n State) {
+	old := State(s.state.Swap(int32(n)))
+	if old == n {
+		return
+	}
+	if old != Stopped {
+		s.cfg.gauges[old].Dec()
+	}
+	// As in the original, stopped savers are not counted in any state.
+	if n != Stopped {
+		s.cfg.gauges[n].Inc()
+	}
+}
+
+// Push hands a packet of the flow to the saver, which takes ownership of
+// p.Data. It never blocks: when the saver has stopped saving the packet is
+// dropped silently (it is past the capture duration), and when the backlog is
+// full it is dropped and counted in pcap_missed_packets_total.
+func (s *Saver) Push(p flow.Packet) {
+	if s.discarding.Load() {
+		return
+	}
+	s.mu.Lock()
+	if s.closed || len(s.queue) >= s.cfg.MaxBacklog {
+		s.mu.Unlock()
+		s.cfg.missed[s.State()].Inc()
+		return
+	}
+	s.queue = append(s.queue, p)
+	first := len(s.queue) == 1
+	s.mu.Unlock()
+	if first {
+		s.signal()
+	}
+}
+
+func (s *Saver) signal() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Close tells the saver that the flow has ended: it saves what it has,
+// publishes the file and stops. Push must not be called after Close.
+func (s *Saver) Close() {
+	s.mu.Lock()
+	s.closed = true
+	exited := s.exited
+	s.mu.Unlock()
+	if exited {
+		s.setState(Stopped)
+		return
+	}
+	s.signal()
+}
+
+// take swaps the queue out for the spare slice.
+func (s *Saver) take() ([]flow.Packet, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	batch := s.queue
+	s.queue = s.spare[:0]
+	s.spare = nil
+	return batch, s.closed
+}
+
+// Run saves the flow until Close is called or the capture duration is over.
+// It is the saver's goroutine.
+func (s *Saver) Run() {
+	m := s.cfg.Metrics
+	m.SaversStarted.Inc()
+	defer m.SaversStopped.Inc()
+	s.setState(WaitingForPackets)
+	for {
+		select {
+		case <-s.wake:
+		case <-s.timerC:
+			s.timerC = nil
+			s.finish()
+		}
+		batch, closed := s.take()
+		for i := range batch {
+			if s.discarding.Load() {
+				break
+			}
+			s.add(&batch[i])
+		}
+		// Drop the references to the packets' bytes before keeping the
+		// slice for reuse; a slice grown by a burst is let go.
+		clear(batch)
+		if cap(batch) <= 4096 {
+			s.spare = batch[:0]
+		}
+		if closed {
+			s.finish()
+			s.exit(true)
+			return
+		}
+		if s.discarding.Load() {
+			s.exit(false)
+			return
+		}
+	}
+}
+
+// exit records that Run is returning. Savers that stop before their flow
+// ends stay in their last state (discarding or an error) until Close.
+func (s *Saver) exit(closed bool) {
+	if s.timer != nil {
+		s.timer.Stop()
+	}
+	s.mu.Lock()
+	s.exited = true
+	closed = closed || s.closed
+	s.queue = nil
+	s.mu.Unlock()
+	if closed {
+		s.setState(Stopped)
+	}
+}
+
+// add saves one packet.
+func (s *Saver) add(p *flow.Packet) {
+	if s.w == nil {
+		if err := s.start(p); err != nil {
+			return
+		}
+	}
+	if p.Time-s.first >= int64(s.cfg.CaptureDuration) {
+		s.finish()
+		return
+	}
+	if s.cfg.Anon != nil {
+		s.cfg.Anon.Packet(p.Data, int(p.L3), int(p.L4), p.IPv6)
+	}
+	if err := s.w.write(p.Time, int(p.Len), p.Data); err != nil {
+		s.fail(WriteError, "write pcap file", err)
+	}
+}
+
+// start begins the file at the flow's first packet, which sets the snaplen.
+func (s *Saver) start(p *flow.Packet) error {
+	s.first = p.Time
+	s.dirPath = filepath.Join(s.cfg.Dir, dateDir(s.opened))
+	var out io.Writer
+	if s.cfg.Stream {
+		f, err := s.open()
+		if err != nil {
+			return err
+		}
+		s.file = f
+		out = f
+	} else {
+		s.buf = new(bytes.Buffer)
+		out = s.buf
+	}
+	w, err := newPCAPWriter(out, int(p.L4)+maxTCPHeader)
+	if err != nil {
+		s.fail(WriteError, "start pcap file", err)
+		return err
+	}
+	s.w = w
+	s.setState(Streaming)
+	// The capture duration is also enforced by the clock, so that a flow
+	// that goes quiet is published on time rather than when it is
+	// garbage-collected.
+	s.timer = time.NewTimer(s.cfg.CaptureDuration)
+	s.timerC = s.timer.C
+	return nil
+}
+
+// open creates the date directory as needed and the unnamed file in it.
+func (s *Saver) open() (*os.File, error) {
+	f, err := createHidden(s.dirPath)
+	if err != nil {
+		// Most likely the date directory does not exist yet (the first
+		// flow of a day); any other problem shows again below.
+		s.setState(DirCreation)
+		if err := makeDirs(s.cfg.Dir, dateDir(s.opened)); err != nil {
+			s.fail(MkdirError, "create directory", err)
+			return nil, err
+		}
+		f, err = createHidden(s.dirPath)
+	}
+	if err != nil {
+		s.fail(FileOpenError, "create file", err)
+		return nil, err
+	}
+	return f, nil
+}
+
+// finish ends the file and publishes it, once.
+func (s *Saver) finish() {
+	if s.discarding.Swap(true) {
+		return
+	}
+	if s.w == nil {
+		s.fail(NoPacketsError, "flow ended without packets", nil)
+		return
+	}
+	if err := s.w.close(); err != nil {
+		s.fail(WriteError, "finish pcap file", err)
+		return
+	}
+	if !s.cfg.Stream {
+		f, err := s.open()
+		if err != nil {
+			return
+		}
+		s.file = f
+		if _, err := s.buf.WriteTo(f); err != nil {
+			s.fail(WriteError, "write file", err)
+			return
+		}
+		s.buf = nil
+	}
+	s.setState(Publishing)
+	path := filepath.Join(s.dirPath, s.uuid+".pcap.gz")
+	if err := linkFile(s.file, path); err != nil {
+		st := LinkError
+		if errors.Is(err, unix.EEXIST) {
+			st = ExistsError
+		}
+		s.fail(st, "publish file", err)
+		return
+	}
+	err := s.file.Close()
+	s.file = nil
+	if err != nil {
+		// The file is published under its name but its last bytes may not
+		// be on disk: count it, it cannot be taken back.
+		s.fail(WriteError, "close file", err)
+		return
+	}
+	m := s.cfg.Metrics
+	m.FilesPublished.Inc()
+	m.BytesWritten.Add(float64(s.w.out.n))
+	m.PacketsSaved.Add(float64(s.w.records))
+	s.setState(Discarding)
+	s.log.Debug("published", "path", path, "packets", s.w.records, "bytes", s.w.out.n)
+}
+
+// fail ends the saver's work on an error: the flow's file, if any, is closed
+// unnamed, so the kernel frees it and nothing partial is ever visible.
+func (s *Saver) fail(st State, msg string, err error) {
+	s.discarding.Store(true)
+	if s.file != nil {
+		s.file.Close() // The unnamed file is discarded; its close error means nothing.
+		s.file = nil
+	}
+	s.buf = nil
+	s.setState(st)
+	s.cfg.errs[st].Inc()
+	if err != nil {
+		s.cfg.logError(s.log, msg, err)
+	}
+}
