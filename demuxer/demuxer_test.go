@@ -1,0 +1,340 @@
+package demuxer
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/m-lab/packet-headers/flow"
+	"github.com/m-lab/packet-headers/internal/replay"
+	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/saver"
+)
+
+var opened = time.Date(2024, 11, 18, 12, 0, 0, 0, time.UTC)
+
+func readPackets(t testing.TB, name string) []flow.Packet {
+	t.Helper()
+	rp, bad, err := replay.ReadFile(filepath.Join("..", "testdata", name))
+	if err != nil || bad != 0 || len(rp) == 0 {
+		t.Fatalf("%s: %d packets, %d bad, %v", name, len(rp), bad, err)
+	}
+	pkts := make([]flow.Packet, len(rp))
+	for i := range rp {
+		pkts[i] = rp[i].Packet
+	}
+	return pkts
+}
+
+type harness struct {
+	t       *testing.T
+	dir     string
+	m       *metrics.Metrics
+	d       *Demuxer
+	packets chan *flow.Batch
+	events  chan Open
+	done    chan struct{}
+}
+
+func newHarness(t *testing.T, tweak func(*Config)) *harness {
+	h := &harness{
+		t:       t,
+		dir:     t.TempDir(),
+		m:       metrics.New(prometheus.NewRegistry()),
+		packets: make(chan *flow.Batch),
+		events:  make(chan Open),
+		done:    make(chan struct{}),
+	}
+	cfg := Config{
+		FlowTimeout: 30 * time.Second,
+		UUIDWait:    5 * time.Second,
+		Saver: &saver.Config{
+			Dir:             h.dir,
+			CaptureDuration: time.Hour,
+			Metrics:         h.m,
+		},
+		Metrics: h.m,
+	}
+	if tweak != nil {
+		tweak(&cfg)
+	}
+	h.d = New(cfg)
+	go func() {
+		h.d.Run(context.Background(), h.packets, h.events)
+		close(h.done)
+	}()
+	return h
+}
+
+func (h *harness) send(pkts ...flow.Packet) {
+	for len(pkts) > 0 {
+		b := flow.GetBatch()
+		n := min(len(pkts), flow.BatchSize)
+		b.Packets = append(b.Packets, pkts[:n]...)
+		pkts = pkts[n:]
+		h.packets <- b
+	}
+}
+
+func (h *harness) open(k flow.Key, uuid string) { h.events <- Open{Key: k, UUID: uuid, Time: opened} }
+
+func (h *harness) stop() {
+	close(h.packets)
+	<-h.done
+}
+
+func (h *harness) path(uuid string) string { return saver.DatePath(h.dir, uuid, opened) }
+
+func (h *harness) exists(uuid string) bool {
+	_, err := os.Stat(h.path(uuid))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		h.t.Fatal(err)
+	}
+	return err == nil
+}
+
+// count reads back how many records a published file holds.
+func (h *harness) count(uuid string) int {
+	pkts, _, err := replay.ReadFile(h.path(uuid))
+	if err != nil {
+		h.t.Fatalf("read %s: %v", uuid, err)
+	}
+	return len(pkts)
+}
+
+func TestUUIDTiming(t *testing.T) {
+	tests := []struct {
+		name string
+		// run drives the demuxer with the flow's packets and key.
+		run       func(h *harness, pkts []flow.Packet)
+		wantFile  bool
+		wantCount int // -1: all packets; -1-n: all but the first n
+	}{
+		{
+			name: "uuid after the first packets, in time",
+			run: func(h *harness, pkts []flow.Packet) {
+				h.send(pkts[:3]...)
+				time.Sleep(time.Second)
+				h.open(pkts[0].Key, "u")
+				h.send(pkts[3:]...)
+			},
+			wantFile:  true,
+			wantCount: -1,
+		},
+		{
+			name: "uuid before the first packet",
+			run: func(h *harness, pkts []flow.Packet) {
+				h.open(pkts[0].Key, "u")
+				h.send(pkts...)
+			},
+			wantFile:  true,
+			wantCount: -1,
+		},
+		{
+			name: "uuid too late",
+			run: func(h *harness, pkts []flow.Packet) {
+				h.send(pkts[:3]...)
+				time.Sleep(7 * time.Second)
+				synctest.Wait()
+				if n := testutil.ToFloat64(h.m.PendingDropped.WithLabelValues("uuidtimeout")); n != 1 {
+					h.t.Errorf("pending dropped = %v, want 1", n)
+				}
+				if n := testutil.ToFloat64(h.m.SaverErrors.WithLabelValues("uuidtimedout")); n != 1 {
+					h.t.Errorf("saver errors{uuidtimedout} = %v, want 1", n)
+				}
+				// The late UUID finds no pending flow: it saves what
+				// comes after it, so the file lacks the first packets.
+				h.open(pkts[0].Key, "u")
+				h.send(pkts[3:]...)
+			},
+			wantFile:  true,
+			wantCount: -4, // all but the first 3
+		},
+		{
+			name: "uuid never",
+			run: func(h *harness, pkts []flow.Packet) {
+				h.send(pkts...)
+				time.Sleep(7 * time.Second)
+				synctest.Wait()
+				if n := testutil.ToFloat64(h.m.PendingFlows); n != 0 {
+					h.t.Errorf("pending flows = %v, want 0", n)
+				}
+			},
+			wantFile: false,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				h := newHarness(t, nil)
+				pkts := readPackets(t, "v4.pcap")
+				tt.run(h, pkts)
+				h.stop()
+				if got := h.exists("u"); got != tt.wantFile {
+					t.Fatalf("file exists = %v, want %v", got, tt.wantFile)
+				}
+				if !tt.wantFile {
+					return
+				}
+				want := tt.wantCount
+				if want < 0 {
+					want = len(pkts) + 1 + want
+				}
+				if got := h.count("u"); got != want {
+					t.Errorf("file has %d packets, want %d", got, want)
+				}
+			})
+		})
+	}
+}
+
+func TestGCPublishesIdleFlows(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, nil)
+		v4, v6 := readPackets(t, "v4.pcap"), readPackets(t, "v6.pcap")
+		h.open(v4[0].Key, "v4")
+		h.open(v6[0].Key, "v6")
+		h.send(v4...)
+		h.send(v6[:2]...)
+		// v6 keeps sending; v4 goes quiet. After two GC ticks v4 is
+		// collected and published, v6 is not.
+		for i := 0; i < 2; i++ {
+			time.Sleep(30 * time.Second)
+			h.send(v6[2+i])
+		}
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if !h.exists("v4") {
+			t.Errorf("idle flow not published after two flow timeouts")
+		}
+		if h.exists("v6") {
+			t.Errorf("active flow published early")
+		}
+		if n := testutil.ToFloat64(h.m.DemuxerSaversGCed); n != 1 {
+			t.Errorf("garbage collected = %v, want 1", n)
+		}
+		h.stop()
+		if !h.exists("v6") {
+			t.Errorf("shutdown did not publish the active flow")
+		}
+		if got, want := h.count("v6"), 4; got != want {
+			t.Errorf("v6 file has %d packets, want %d", got, want)
+		}
+	})
+}
+
+func TestDuplicateAndReusedUUIDs(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, nil)
+		pkts := readPackets(t, "v4.pcap")
+		h.open(pkts[0].Key, "first")
+		h.send(pkts[:4]...)
+		// tcp-info restarted: the same Open again changes nothing.
+		h.open(pkts[0].Key, "first")
+		h.send(pkts[4:6]...)
+		synctest.Wait()
+		if n := testutil.ToFloat64(h.m.SaversStarted); n != 1 {
+			t.Errorf("savers started = %v after a duplicate Open, want 1", n)
+		}
+		// A new socket on the same 4-tuple: the old flow ends.
+		h.open(pkts[0].Key, "second")
+		h.send(pkts[6:]...)
+		h.stop()
+		if got := h.count("first"); got != 6 {
+			t.Errorf("first file has %d packets, want 6", got)
+		}
+		if got := h.count("second"); got != len(pkts)-6 {
+			t.Errorf("second file has %d packets, want %d", got, len(pkts)-6)
+		}
+	})
+}
+
+func TestLimits(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, func(c *Config) { c.MaxFlows = 1 })
+		v4, v6 := readPackets(t, "v4.pcap"), readPackets(t, "v6.pcap")
+		h.open(v4[0].Key, "v4")
+		h.send(v4...)
+		h.open(v6[0].Key, "v6") // refused: the table is full
+		h.send(v6...)
+		h.stop()
+		if !h.exists("v4") || h.exists("v6") {
+			t.Errorf("with -maxflows=1: v4 saved %v, v6 saved %v; want true, false", h.exists("v4"), h.exists("v6"))
+		}
+		if n := testutil.ToFloat64(h.m.FlowsShed.WithLabelValues("maxflows")); n < 1 {
+			t.Errorf("shed{maxflows} = %v", n)
+		}
+		if n := testutil.ToFloat64(h.m.DemuxerIgnored); n != float64(len(v6)) {
+			t.Errorf("ignored = %v, want %d", n, len(v6))
+		}
+	})
+}
+
+func TestMaxPendingEvictsOldest(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, func(c *Config) { c.MaxPending = 1 })
+		v4, v6 := readPackets(t, "v4.pcap"), readPackets(t, "v6.pcap")
+		h.send(v4[:2]...) // pending
+		h.send(v6[:2]...) // pending: evicts v4
+		h.open(v6[0].Key, "v6")
+		h.open(v4[0].Key, "v4")
+		h.send(v6[2:]...)
+		h.stop()
+		if n := testutil.ToFloat64(h.m.PendingDropped.WithLabelValues("limit")); n != 1 {
+			t.Errorf("pending dropped{limit} = %v, want 1", n)
+		}
+		if got := h.count("v6"); got != len(v6) {
+			t.Errorf("v6 file has %d packets, want %d (the newest pending flow must survive)", got, len(v6))
+		}
+		if h.exists("v4") {
+			t.Errorf("v4 saved without packets")
+		}
+	})
+}
+
+func TestPendingPacketsBounded(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, func(c *Config) { c.PendingPackets = 3 })
+		pkts := readPackets(t, "v4.pcap")
+		h.send(pkts[:5]...)
+		h.open(pkts[0].Key, "u")
+		h.stop()
+		if got := h.count("u"); got != 3 {
+			t.Errorf("file has %d packets, want 3", got)
+		}
+		if n := testutil.ToFloat64(h.m.MissedPackets.WithLabelValues("pending")); n != 2 {
+			t.Errorf("missed{pending} = %v, want 2", n)
+		}
+	})
+}
+
+func TestShutdownWaitsForSavers(t *testing.T) {
+	// Every flow with a UUID is published when packets is closed, however
+	// long its capture duration.
+	h := newHarness(t, nil)
+	var uuids []string
+	for i, name := range []string{"v4.pcap", "v6.pcap", "large-ndt.pcap"} {
+		pkts := readPackets(t, name)
+		u := []string{"a", "b", "c"}[i]
+		uuids = append(uuids, u)
+		h.open(pkts[0].Key, u)
+		h.send(pkts...)
+	}
+	h.stop()
+	for _, u := range uuids {
+		if !h.exists(u) {
+			t.Errorf("flow %s not published at shutdown", u)
+		}
+	}
+	if a, b := testutil.ToFloat64(h.m.SaversStarted), testutil.ToFloat64(h.m.SaversStopped); a != 3 || b != 3 {
+		t.Errorf("savers started %v stopped %v, want 3 3", a, b)
+	}
+}
