@@ -161,6 +161,11 @@ func (c *Client) serve(ctx context.Context, conn net.Conn) (healthy bool, err er
 
 	r := bufio.NewReaderSize(conn, MaxLineLen)
 	for {
+		// Lines already buffered are not delivered once ctx is done: the
+		// handler may be shutting down too.
+		if ctx.Err() != nil {
+			return healthy, ctx.Err()
+		}
 		line, err := r.ReadSlice('\n')
 		switch {
 		case errors.Is(err, bufio.ErrBufferFull):

@@ -116,10 +116,10 @@ type testClient struct {
 }
 
 // startClient runs a Client of path. Cleanup stops it and checks that Run
-// returned nil promptly.
+// returned nil promptly. Tests call checkGoroutines themselves, first, so
+// that the check runs after every other cleanup.
 func startClient(t *testing.T, path string) *testClient {
 	t.Helper()
-	checkGoroutines(t)
 	tc := &testClient{
 		events: make(chanHandler, 100),
 		log:    newRecLog(),
@@ -250,6 +250,7 @@ func sockPath(t *testing.T) string {
 }
 
 func TestClientSocketAppears(t *testing.T) {
+	checkGoroutines(t)
 	path := sockPath(t)
 	tc := startClient(t, path)
 
@@ -284,6 +285,7 @@ func TestClientSocketAppears(t *testing.T) {
 // TestClientReconnects simulates a tcp-info restart: the connection ends, a
 // new server comes up at the same path and resends Open with the same UUIDs.
 func TestClientReconnects(t *testing.T) {
+	checkGoroutines(t)
 	path := sockPath(t)
 	ln := listen(t, path)
 	tc := startClient(t, path)
@@ -312,6 +314,7 @@ func TestClientReconnects(t *testing.T) {
 // that the good lines around them are delivered in order, and that bad lines
 // are not logged one by one.
 func TestClientBadLines(t *testing.T) {
+	checkGoroutines(t)
 	path := sockPath(t)
 	ln := listen(t, path)
 	tc := startClient(t, path)
@@ -365,6 +368,7 @@ func TestClientBadLines(t *testing.T) {
 // TestClientLastLineWithoutNewline checks that an event whose line is cut off
 // by the end of the connection is still delivered if complete.
 func TestClientLastLineWithoutNewline(t *testing.T) {
+	checkGoroutines(t)
 	path := sockPath(t)
 	ln := listen(t, path)
 	tc := startClient(t, path)
@@ -418,6 +422,7 @@ func TestClientStops(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			checkGoroutines(t)
 			path := sockPath(t)
 			tt.setup(t, path, func() *testClient { return startClient(t, path) })
 		})
@@ -428,6 +433,7 @@ func TestClientStops(t *testing.T) {
 // and checks that the client keeps coming back (and does not give up or
 // exit) while logging each change of state, not each attempt.
 func TestClientManyReconnects(t *testing.T) {
+	checkGoroutines(t)
 	path := sockPath(t)
 	ln := listen(t, path)
 	tc := startClient(t, path)

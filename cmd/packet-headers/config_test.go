@@ -1,0 +1,183 @@
+package main
+
+import (
+	"bytes"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/m-lab/packet-headers/anonymize"
+)
+
+func withEnv(t *testing.T, env map[string]string) {
+	t.Helper()
+	old := lookupEnv
+	lookupEnv = func(k string) (string, bool) { v, ok := env[k]; return v, ok }
+	t.Cleanup(func() { lookupEnv = old })
+}
+
+func TestDefaultsAreTheOriginals(t *testing.T) {
+	withEnv(t, nil)
+	c, err := parseConfig(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{
+		"anonymize.ip":               c.AnonymizeIP.String(),
+		"captureduration":            c.CaptureDuration.String(),
+		"datadir":                    c.DataDir,
+		"flowtimeout":                c.FlowTimeout.String(),
+		"maxheadersize":              "256",
+		"maxidleram":                 c.MaxIdleRAM.String(),
+		"prometheusx.listen-address": c.PromListen,
+		"sigtermwait":                c.SigtermWait.String(),
+		"stream":                     map[bool]string{false: "false", true: "true"}[c.Stream],
+		"tcpinfo.eventsocket":        c.EventSocket,
+		"uuidwaitduration":           c.UUIDWait.String(),
+	}
+	want := map[string]string{
+		"anonymize.ip":               "none",
+		"captureduration":            "30s",
+		"datadir":                    ".",
+		"flowtimeout":                "30s",
+		"maxheadersize":              "256",
+		"maxidleram":                 "3GB",
+		"prometheusx.listen-address": ":9990",
+		"sigtermwait":                "1s",
+		"stream":                     "false",
+		"tcpinfo.eventsocket":        "",
+		"uuidwaitduration":           "5s",
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("defaults (-want +got):\n%s", diff)
+	}
+	if c.MaxHeaderSize != 256 || len(c.Interfaces) != 0 || c.MaxFlows != 0 || c.MaxHeap != 0 {
+		t.Errorf("defaults: %+v", c)
+	}
+}
+
+func TestFlagsAndEnvironment(t *testing.T) {
+	withEnv(t, map[string]string{
+		"DATADIR":             "/from/env",
+		"TCPINFO_EVENTSOCKET": "/env.sock",
+		"ANONYMIZE_IP":        "netblock",
+		"MAXIDLERAM":          "1500MB",
+		"INTERFACE":           "eth0,eth1",
+	})
+	c, err := parseConfig([]string{"-datadir=/from/flag", "-maxheap=2GB", "-maxflows=150", "-stream=false", "-flowtimeout=5s"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.DataDir != "/from/flag" {
+		t.Errorf("command line must win over the environment: datadir %q", c.DataDir)
+	}
+	if c.EventSocket != "/env.sock" || c.AnonymizeIP != anonymize.Netblock || c.MaxIdleRAM != 1500*MB {
+		t.Errorf("environment not applied: %+v", c)
+	}
+	if diff := cmp.Diff([]string{"eth0", "eth1"}, []string(c.Interfaces)); diff != "" {
+		t.Errorf("interfaces (-want +got):\n%s", diff)
+	}
+	if c.MaxHeap != 2*GB || c.MaxFlows != 150 || c.FlowTimeout != 5*time.Second {
+		t.Errorf("flags: %+v", c)
+	}
+}
+
+func TestInterfaceRepeatedAndComma(t *testing.T) {
+	withEnv(t, nil)
+	c, err := parseConfig([]string{"-interface=a,b", "-interface", "c"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]string{"a", "b", "c"}, []string(c.Interfaces)); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
+	}
+}
+
+func TestBadInput(t *testing.T) {
+	tests := []struct {
+		args []string
+		env  map[string]string
+		want string // in the one-line error
+	}{
+		{[]string{"-captureduration=5s"}, nil, "-captureduration=5s must be longer than -uuidwaitduration=5s"},
+		{[]string{"-captureduration=0s"}, nil, "-captureduration=0s: must be positive"},
+		{[]string{"-flowtimeout=-1s"}, nil, "-flowtimeout"},
+		{[]string{"-uuidwaitduration=0"}, nil, "-uuidwaitduration"},
+		{[]string{"-maxheadersize=20"}, nil, "-maxheadersize=20"},
+		{[]string{"-maxflows=-1"}, nil, "-maxflows=-1"},
+		{[]string{"-sigtermwait=-1s"}, nil, "-sigtermwait"},
+		{[]string{"-anonymize.ip=sha256"}, nil, "anonymize.ip"},
+		{[]string{"-maxidleram=lots"}, nil, "-maxidleram"},
+		{[]string{"-maxheap=99999999999999999999GB"}, nil, "-maxheap"},
+		{[]string{"-capture.buffersize=1K"}, nil, "-capture.buffersize"},
+		{[]string{"-datadir="}, nil, "-datadir"},
+		{[]string{"-interface="}, nil, "-interface"},
+		{[]string{"-log.level=loud"}, nil, "-log.level"},
+		{[]string{"-nosuchflag"}, nil, "nosuchflag"},
+		{[]string{"extra"}, nil, "unexpected arguments"},
+		{nil, map[string]string{"CAPTUREDURATION": "soon"}, "CAPTUREDURATION"},
+		{[]string{"-interface=nonexistent0"}, nil, "-interface=nonexistent0: no such interface"},
+	}
+	for _, tt := range tests {
+		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
+			withEnv(t, tt.env)
+			var stdout, stderr bytes.Buffer
+			code := run(t.Context(), tt.args, &stdout, &stderr)
+			if code != 2 {
+				t.Errorf("exit code %d, want 2", code)
+			}
+			msg := stderr.String()
+			if !strings.Contains(msg, tt.want) {
+				t.Errorf("error %q does not contain %q", msg, tt.want)
+			}
+			if strings.Count(msg, "\n") != 1 || !strings.HasPrefix(msg, "packet-headers: ") {
+				t.Errorf("want one line, got %q", msg)
+			}
+		})
+	}
+}
+
+func TestHelp(t *testing.T) {
+	withEnv(t, nil)
+	var stdout, stderr bytes.Buffer
+	if code := run(t.Context(), []string{"-help"}, &stdout, &stderr); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	for _, f := range []string{"anonymize.ip", "captureduration", "datadir", "flowtimeout", "interface", "maxheadersize",
+		"maxidleram", "maxheap", "maxflows", "prometheusx.listen-address", "sigtermwait", "stream",
+		"tcpinfo.eventsocket", "uuidwaitduration", "uuid-prefix-file"} {
+		out := stdout.String() + "\n"
+		if !strings.Contains(out, "\n  -"+f+" ") && !strings.Contains(out, "\n  -"+f+"\n") {
+			t.Errorf("-help does not describe -%s", f)
+		}
+	}
+}
+
+func TestByteSize(t *testing.T) {
+	tests := []struct {
+		in   string
+		want ByteSize
+		ok   bool
+	}{
+		{"0", 0, true}, {"3GB", 3 * GB, true}, {"1500MB", 1500 * MB, true}, {"2G", 2 * GB, true},
+		{"64MiB", 64 * MiB, true}, {"10KB", 10 * KB, true}, {"7B", 7, true}, {"12", 12, true},
+		{"", 0, false}, {"GB", 0, false}, {"1.5GB", 0, false}, {"-1", 0, false}, {"3TB", 0, false},
+		{"99999999999GiB", 0, false},
+	}
+	for _, tt := range tests {
+		var b ByteSize
+		err := b.Set(tt.in)
+		if (err == nil) != tt.ok || (tt.ok && b != tt.want) {
+			t.Errorf("Set(%q) = %v, %v; want %v, ok=%v", tt.in, b, err, tt.want, tt.ok)
+		}
+		if tt.ok {
+			var again ByteSize
+			if err := again.Set(b.String()); err != nil || again != b {
+				t.Errorf("round trip of %v via %q: %v %v", b, b.String(), again, err)
+			}
+		}
+	}
+}

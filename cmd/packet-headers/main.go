@@ -1,0 +1,303 @@
+// Command packet-headers records the packet headers of every TCP flow of the
+// host into one pcap file per flow, named by the flow's UUID.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime/debug"
+	"runtime/metrics"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/m-lab/packet-headers/anonymize"
+	"github.com/m-lab/packet-headers/capture"
+	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/flow"
+	phmetrics "github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/saver"
+	"github.com/m-lab/packet-headers/tcpeventsocket"
+)
+
+func main() {
+	os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// lookupEnv is os.LookupEnv; a variable so that the env test can run in
+// parallel with others without touching the process environment.
+var lookupEnv = os.LookupEnv
+
+// run is the daemon. It returns the process exit code: 0 after a clean
+// shutdown, 1 on a runtime failure, 2 on bad flags or settings.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	cfg, err := parseConfig(args, io.Discard)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprintln(stdout, "Usage of packet-headers:")
+		fs := newFlagSet(new(Config), stdout)
+		fs.PrintDefaults()
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "packet-headers: %v\n", oneLine(err))
+		return 2
+	}
+	level, _ := parseLevel(cfg.LogLevel)
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	d, err := newDaemon(ctx, cfg, log, prometheus.NewRegistry())
+	if err != nil {
+		fmt.Fprintf(stderr, "packet-headers: %v\n", oneLine(err))
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := d.run(ctx); err != nil {
+		log.Error("exiting", "err", err)
+		return 1
+	}
+	return 0
+}
+
+// oneLine joins the lines of a (possibly joined) error.
+func oneLine(err error) string {
+	var s []byte
+	for i, r := range err.Error() {
+		if r == '\n' {
+			if i > 0 {
+				s = append(s, "; "...)
+			}
+			continue
+		}
+		s = append(s, string(r)...)
+	}
+	return string(s)
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("-log.level=%s: want debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+// daemon is a configured, not yet running packet-headers.
+type daemon struct {
+	cfg      *Config
+	log      *slog.Logger
+	reg      *prometheus.Registry
+	m        *phmetrics.Metrics
+	anon     *anonymize.Anonymizer
+	listener net.Listener
+	dataDir  string
+	captures *capture.Manager
+	demux    *demuxer.Demuxer
+	packets  chan *flow.Batch
+	events   chan demuxer.Open
+	source   uuidSource
+}
+
+// uuidSource tells the demuxer the UUIDs of flows until ctx is done.
+type uuidSource interface {
+	Run(ctx context.Context) error
+}
+
+// newDaemon checks everything that can be checked before starting (the
+// interfaces exist and can be captured on, the data directory can be
+// written, the metrics address is free) so that a bad setting is one clear
+// error at start.
+func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *prometheus.Registry) (*daemon, error) {
+	d := &daemon{cfg: cfg, log: log, reg: reg}
+	if err := capture.CheckInterfaces(cfg.Interfaces); err != nil {
+		return nil, err
+	}
+	// A relative -datadir is relative to the working directory at start,
+	// once (the original applied it twice, writing to data/data/...).
+	dir, err := filepath.Abs(cfg.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("-datadir=%s: %w", cfg.DataDir, err)
+	}
+	if err := saver.CheckDir(dir); err != nil {
+		return nil, fmt.Errorf("-datadir=%s: cannot write files there: %w", cfg.DataDir, err)
+	}
+	d.dataDir = dir
+
+	d.m = phmetrics.New(reg)
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	local, err := capture.LocalAddrs()
+	if err != nil {
+		return nil, err
+	}
+	d.anon = anonymize.New(cfg.AnonymizeIP, local)
+	var anon saver.Anonymizer
+	if cfg.AnonymizeIP != anonymize.None {
+		anon = d.anon
+	}
+	d.packets = make(chan *flow.Batch, 256)
+	d.events = make(chan demuxer.Open, 1024)
+	d.demux = demuxer.New(demuxer.Config{
+		FlowTimeout: cfg.FlowTimeout,
+		UUIDWait:    cfg.UUIDWait,
+		MaxFlows:    cfg.MaxFlows,
+		MaxHeap:     uint64(cfg.MaxHeap),
+		Saver: &saver.Config{
+			Dir:             dir,
+			CaptureDuration: cfg.CaptureDuration,
+			Stream:          cfg.Stream,
+			Anon:            anon,
+			Metrics:         d.m,
+			Log:             log,
+		},
+		Metrics: d.m,
+		Log:     log,
+		LogKey:  d.logKey,
+	})
+	capCfg := &capture.Config{
+		Snaplen:    cfg.MaxHeaderSize,
+		BufferSize: int(cfg.CaptureBuffer),
+		Timeout:    capture.DefaultTimeout,
+		Metrics:    d.m,
+		Log:        log,
+	}
+	d.captures = capture.NewManager(capCfg, cfg.Interfaces, d.packets, d.anon.SetLocal)
+	if err := d.captures.Start(ctx); err != nil {
+		return nil, fmt.Errorf("-interface: %w", err)
+	}
+	d.source, err = d.newUUIDSource()
+	if err != nil {
+		d.stopCaptures()
+		return nil, err
+	}
+	d.listener, err = net.Listen("tcp", cfg.PromListen)
+	if err != nil {
+		d.stopCaptures()
+		return nil, fmt.Errorf("-prometheusx.listen-address=%s: %w", cfg.PromListen, err)
+	}
+	return d, nil
+}
+
+// stopCaptures closes the captures opened by Start when the daemon does not
+// go on to run.
+func (d *daemon) stopCaptures() {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	d.captures.Run(ctx)
+}
+
+func (d *daemon) newUUIDSource() (uuidSource, error) {
+	if d.cfg.EventSocket != "" {
+		return tcpeventsocket.New(d.cfg.EventSocket, eventHandler{d.events}, d.m, d.log), nil
+	}
+	return nil, errors.New("-tcpinfo.eventsocket: required (the built-in UUID source is not available yet)")
+}
+
+// eventHandler passes tcp-info's Open events to the demuxer.
+type eventHandler struct{ out chan<- demuxer.Open }
+
+func (h eventHandler) Event(ev tcpeventsocket.Event) {
+	if ev.Kind == tcpeventsocket.Open {
+		h.out <- demuxer.Open{Key: ev.Key, UUID: ev.UUID, Time: ev.Time}
+	}
+}
+
+// logKey formats a flow for logs, anonymized like the files.
+func (d *daemon) logKey(k flow.Key) string {
+	a, b := k.Endpoints()
+	a = netip.AddrPortFrom(d.anon.Addr(a.Addr()), a.Port())
+	b = netip.AddrPortFrom(d.anon.Addr(b.Addr()), b.Port())
+	return a.String() + "<->" + b.String()
+}
+
+// run runs the daemon until ctx is done (a signal), then shuts down: it
+// waits -sigtermwait while still capturing, stops capturing, and publishes
+// every flow that has a UUID before returning.
+func (d *daemon) run(ctx context.Context) error {
+	srv := &http.Server{
+		Handler:           d.mux(),
+		ReadHeaderTimeout: 10 * time.Second,
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if err := srv.Serve(d.listener); !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("metrics server", "err", err)
+		}
+	})
+	d.log.Info("started", "datadir", d.dataDir, "interfaces", d.captures.Active(),
+		"eventsocket", d.cfg.EventSocket, "anonymize", d.cfg.AnonymizeIP.String(), "metrics", d.listener.Addr().String())
+
+	// Capture and the UUID source go on for -sigtermwait after the signal,
+	// so that flows in their last moments still get named and saved.
+	runCtx, stopRun := context.WithCancel(context.Background())
+	defer stopRun()
+	wg.Go(func() {
+		<-ctx.Done()
+		d.log.Info("signal received; stopping", "sigtermwait", d.cfg.SigtermWait)
+		time.Sleep(d.cfg.SigtermWait)
+		stopRun()
+	})
+	wg.Go(func() {
+		if err := d.source.Run(runCtx); err != nil {
+			d.log.Error("UUID source", "err", err)
+		}
+	})
+	wg.Go(func() { d.releaseIdleRAM(runCtx) })
+	demuxDone := make(chan struct{})
+	go func() {
+		d.demux.Run(runCtx, d.packets, d.events)
+		close(demuxDone)
+	}()
+	d.captures.Run(runCtx)
+	// Every capture has ended and sent what it read: the demuxer ends every
+	// flow and waits for its saver to publish.
+	close(d.packets)
+	<-demuxDone
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := srv.Shutdown(shutdownCtx)
+	wg.Wait()
+	d.log.Info("stopped")
+	return err
+}
+
+func (d *daemon) mux() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{}))
+	return mux
+}
+
+// releaseIdleRAM returns idle heap memory to the OS when there is more than
+// -maxidleram of it, as the original did: after a burst of flows the Go
+// runtime keeps freed memory for reuse, which looks like a leak to the
+// machine's other tenants.
+func (d *daemon) releaseIdleRAM(ctx context.Context) {
+	t := time.NewTicker(10 * time.Second)
+	defer t.Stop()
+	sample := []metrics.Sample{{Name: "/memory/classes/heap/free:bytes"}}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			metrics.Read(sample)
+			if free := sample[0].Value.Uint64(); free > uint64(d.cfg.MaxIdleRAM) {
+				d.log.Info("returning idle memory to the OS", "idle", free)
+				debug.FreeOSMemory()
+			}
+		}
+	}
+}
