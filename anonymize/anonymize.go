@@ -158,32 +158,30 @@ func (a *Anonymizer) Addr(addr netip.Addr) netip.Addr {
 // short to hold both addresses, or the offsets are out of range, it changes
 // nothing. Anonymizing an anonymized packet changes nothing.
 //
-// Packet keeps every checksum in data consistent with the new addresses, by
-// the incremental update of RFC 1624 (eqn. 3, which unlike RFC 1141's never
-// turns a valid 0x0000 into 0xFFFF): the IPv4 header checksum if the whole
-// IPv4 header is in data, and the TCP checksum if data reaches it. A checksum
-// that was valid stays valid and one that was invalid stays invalid, and a
-// checksum that was valid ends up exactly as if computed afresh, so it says
-// nothing about the bytes that were zeroed.
+// Packet keeps the checksums in data consistent with the new addresses: the
+// IPv4 header checksum if the whole IPv4 header is in data, and the TCP
+// checksum (whose pseudo-header holds the addresses) if data reaches it. It
+// updates them incrementally by RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'),
+// which gives 0x0000 where the new sum is 0xFFFF, as recomputing does, and
+// not the 0xFFFF of RFC 1141's eqn. 2. A valid checksum ends up exactly as if
+// computed afresh, and an invalid one stays invalid by the same amount, so
+// neither says anything about the zeroed bytes.
 //
-// Three kinds of checksum that are not valid are handled so that they too
-// reveal nothing:
-//   - A "partial" TCP checksum, as captured on packets the host sends with
-//     checksum offload: the kernel leaves the uncomplemented sum of the
-//     pseudo-header (which holds the addresses) for the NIC to finish. It is
-//     updated as the kernel would have computed it from the new addresses.
-//     Updating it like a full checksum would keep it as a function of the old
-//     address, readable by anyone who knows the new one.
-//   - A zero checksum that is not valid is a placeholder that carries no
-//     information; it is left as it is rather than given some.
-//   - Any other checksum that is not valid is taken to be a damaged full
-//     checksum and updated like a valid one, so it stays invalid by the
-//     same amount.
+// Two kinds of invalid checksum would reveal the old address if updated that
+// way, and are handled apart:
+//   - A "partial" TCP checksum, which is what a capture sees on packets the
+//     host sends with checksum offload: the kernel stores the uncomplemented
+//     sum of the pseudo-header for the NIC to finish. Packet recognizes it
+//     by value and updates it as the kernel would have computed it from the
+//     new addresses. The original daemon left it as it was, so every packet
+//     the server sent carried the client's full address in it.
+//   - A zero checksum that is not valid is a placeholder and carries no
+//     information. Packet leaves it alone rather than give it some.
 //
-// A TCP checksum covers the payload, which data usually lacks. Packet then
-// cannot tell a valid checksum from a damaged one, and takes it for a full
-// checksum unless it equals the partial one, which a full checksum does by
-// chance about once in 65535 packets; no reader of data can check either.
+// A TCP checksum covers the payload, which data usually lacks; then Packet
+// cannot check it, and takes it for a full checksum unless it equals the
+// partial one, which a valid full checksum does by chance about once in 65535
+// packets. Nobody reading data can check such a checksum either.
 func (a *Anonymizer) Packet(data []byte, l3, l4 int, ipv6 bool) {
 	if a == nil || a.method == None {
 		return
@@ -200,11 +198,11 @@ func (a *Anonymizer) Packet(data []byte, l3, l4 int, ipv6 bool) {
 
 	// Decide how to update each checksum before the addresses change,
 	// because whether a checksum is valid depends on the old ones.
-	ipKind := none
+	ipCk := ckSkip
 	if !ipv6 {
-		ipKind = ipv4Kind(ip)
+		ipCk = ipv4Kind(ip)
 	}
-	tcpKind := tcpKind(data, l3, l4, ipHdrLen, addrs, ipv6)
+	tcpCk := tcpKind(data, l3, l4, ipHdrLen, addrs, ipv6)
 
 	s := *a.local.Load()
 	// delta is the one's-complement sum of ~m + m' over every 16-bit word
@@ -215,13 +213,13 @@ func (a *Anonymizer) Packet(data []byte, l3, l4 int, ipv6 bool) {
 	changed := s.hide(addrs[:addrLen], &delta)
 	changed = s.hide(addrs[addrLen:], &delta) || changed
 	if !changed {
-		// No word changed: leave the checksums byte for byte, even a valid
-		// 0xFFFF that an update would rewrite as 0x0000.
-		return
+		return // nor do the checksums
 	}
-	update(ip[10:12], ipKind, delta)
-	if tcpKind != none {
-		update(data[l4+16:l4+18], tcpKind, delta)
+	if ipCk != ckSkip {
+		update(ip[10:12], ipCk, delta)
+	}
+	if tcpCk != ckSkip {
+		update(data[l4+16:l4+18], tcpCk, delta)
 	}
 }
 
@@ -229,13 +227,13 @@ func (a *Anonymizer) Packet(data []byte, l3, l4 int, ipv6 bool) {
 type checksumKind uint8
 
 const (
-	// none: absent, or a placeholder to leave alone.
-	none checksumKind = iota
-	// full: the complement of the one's-complement sum, as on the wire.
-	full
-	// partial: the uncomplemented sum of the TCP pseudo-header only, left
+	// ckSkip: absent, or a placeholder to leave alone.
+	ckSkip checksumKind = iota
+	// ckFull: the complement of the one's-complement sum, as on the wire.
+	ckFull
+	// ckPartial: the uncomplemented sum of the TCP pseudo-header only, left
 	// for the NIC to finish by transmit checksum offload.
-	partial
+	ckPartial
 )
 
 // ipv4Kind returns how to update the checksum of the IPv4 header that starts
@@ -245,26 +243,27 @@ func ipv4Kind(ip []byte) checksumKind {
 	if ihl < 20 || len(ip) < ihl {
 		// Options are cut off (or the length is nonsense): nobody can
 		// check this checksum, and updating it would not help.
-		return none
+		return ckSkip
 	}
 	if fold(sum(0, ip[:ihl])) == 0xffff {
-		return full
+		return ckFull
 	}
 	if binary.BigEndian.Uint16(ip[10:]) == 0 {
-		return none
+		return ckSkip
 	}
-	return full
+	return ckFull
 }
 
-// tcpKind returns how to update the TCP checksum at data[l4+16:], or none if
+// tcpKind returns how to update the TCP checksum at data[l4+16:], or ckSkip if
 // data does not reach it or l4 does not lie past the IP fixed header. addrs
 // holds the source and destination addresses, which start the pseudo-header.
 func tcpKind(data []byte, l3, l4, ipHdrLen int, addrs []byte, ipv6 bool) checksumKind {
 	if l4 < 0 || l4-l3 < ipHdrLen || l4 > len(data) || len(data)-l4 < 18 {
-		return none
+		return ckSkip
 	}
 	// The pseudo-header's TCP length, from the IP length fields. A zero
-	// length field (IPv4 TSO or IPv6 jumbograms) gives no end.
+	// length field (IPv4 BIG TCP, IPv6 jumbograms) gives none, and then a
+	// partial checksum cannot be recognized.
 	end := l3 + int(binary.BigEndian.Uint16(data[l3+2:]))
 	if ipv6 {
 		end = l3 + ipHdrLen + int(binary.BigEndian.Uint16(data[l3+4:]))
@@ -274,29 +273,29 @@ func tcpKind(data []byte, l3, l4, ipHdrLen int, addrs []byte, ipv6 bool) checksu
 	if known {
 		pseudo = sum(uint64(6+end-l4), addrs) // protocol 6, then the length
 		if end <= len(data) && fold(sum(pseudo, data[l4:end])) == 0xffff {
-			return full
+			return ckFull
 		}
 	}
 	ck := binary.BigEndian.Uint16(data[l4+16:])
 	switch {
 	case ck == 0:
-		return none
+		return ckSkip
 	case known && ck == fold(pseudo):
 		// The kernel stores the folded sum, never 0x0000 for a sum that
 		// includes the protocol, so one comparison suffices.
-		return partial
+		return ckPartial
 	}
-	return full
+	return ckFull
 }
 
 // update applies delta to the checksum field ck (2 bytes) of the given kind.
 func update(ck []byte, kind checksumKind, delta uint32) {
 	hc := binary.BigEndian.Uint16(ck)
 	switch kind {
-	case full:
+	case ckFull:
 		// RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m').
 		hc = ^fold(uint64(^hc) + uint64(delta))
-	case partial:
+	case ckPartial:
 		// The field holds the sum itself, so the change is added.
 		hc = fold(uint64(hc) + uint64(delta))
 	default:

@@ -3,6 +3,7 @@ package capture
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
@@ -46,6 +47,9 @@ type running struct {
 // are up when names is empty) into out. onAddrs, if not nil, is called with
 // the host's addresses at start and whenever they change.
 func NewManager(cfg *Config, names []string, out chan<- *flow.Batch, onAddrs func([]netip.Addr)) *Manager {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
 	return &Manager{
 		cfg:     cfg,
 		names:   names,

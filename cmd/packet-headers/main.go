@@ -174,19 +174,19 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 		Metrics:    d.m,
 		Log:        log,
 	}
-	d.captures = capture.NewManager(capCfg, cfg.Interfaces, d.packets, d.anon.SetLocal)
-	if err := d.captures.Start(ctx); err != nil {
-		return nil, fmt.Errorf("-interface: %w", err)
-	}
 	d.source, err = d.newUUIDSource()
 	if err != nil {
-		d.stopCaptures()
 		return nil, err
 	}
 	d.listener, err = net.Listen("tcp", cfg.PromListen)
 	if err != nil {
-		d.stopCaptures()
 		return nil, fmt.Errorf("-prometheusx.listen-address=%s: %w", cfg.PromListen, err)
+	}
+	d.captures = capture.NewManager(capCfg, cfg.Interfaces, d.packets, d.anon.SetLocal)
+	if err := d.captures.Start(ctx); err != nil {
+		d.listener.Close()
+		d.stopCaptures()
+		return nil, fmt.Errorf("-interface: %w", err)
 	}
 	return d, nil
 }
