@@ -30,6 +30,10 @@ type Manager struct {
 	// Rescan is how often interfaces and addresses are checked.
 	Rescan time.Duration
 
+	// base is the parent context of every capture; Run cancels it.
+	base   context.Context
+	cancel context.CancelFunc
+
 	mu     sync.Mutex
 	active map[string]*running
 	failed map[string]bool // interfaces whose last open failed, to log once
@@ -50,7 +54,10 @@ func NewManager(cfg *Config, names []string, out chan<- *flow.Batch, onAddrs fun
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
+	base, cancel := context.WithCancel(context.Background())
 	return &Manager{
+		base:    base,
+		cancel:  cancel,
 		cfg:     cfg,
 		names:   names,
 		out:     out,
@@ -107,9 +114,10 @@ func (m *Manager) targets() ([]string, error) {
 }
 
 // Start opens the first captures. With named interfaces, failing to open
-// any of them is an error; otherwise failures are logged and retried.
-func (m *Manager) Start(ctx context.Context) error {
-	return m.scan(ctx, len(m.names) > 0)
+// any of them is an error; otherwise failures are logged and retried. The
+// captures run until Run's context is done.
+func (m *Manager) Start() error {
+	return m.scan(len(m.names) > 0)
 }
 
 // Run keeps the captures going until ctx is done, then stops them all and
@@ -120,10 +128,11 @@ func (m *Manager) Run(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
+			m.cancel()
 			m.wg.Wait()
 			return
 		case <-t.C:
-			if err := m.scan(ctx, false); err != nil {
+			if err := m.scan(false); err != nil {
 				m.cfg.Log.Warn("rescan interfaces", "err", err)
 			}
 		}
@@ -142,7 +151,7 @@ func (m *Manager) Active() []string {
 	return names
 }
 
-func (m *Manager) scan(ctx context.Context, strict bool) error {
+func (m *Manager) scan(strict bool) error {
 	addrs, err := LocalAddrs()
 	if err != nil {
 		return err
@@ -166,7 +175,7 @@ func (m *Manager) scan(ctx context.Context, strict bool) error {
 		}
 	}
 	for _, name := range names {
-		if _, ok := m.active[name]; ok || ctx.Err() != nil {
+		if _, ok := m.active[name]; ok || m.base.Err() != nil {
 			continue
 		}
 		c, err := Open(name, m.filter, m.cfg)
@@ -181,7 +190,7 @@ func (m *Manager) scan(ctx context.Context, strict bool) error {
 			continue
 		}
 		delete(m.failed, name)
-		cctx, cancel := context.WithCancel(ctx)
+		cctx, cancel := context.WithCancel(m.base)
 		r := &running{c: c, cancel: cancel}
 		m.active[name] = r
 		m.cfg.Log.Info("capturing", "interface", name, "filter", m.filter)

@@ -183,7 +183,7 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 		return nil, fmt.Errorf("-prometheusx.listen-address=%s: %w", cfg.PromListen, err)
 	}
 	d.captures = capture.NewManager(capCfg, cfg.Interfaces, d.packets, d.anon.SetLocal)
-	if err := d.captures.Start(ctx); err != nil {
+	if err := d.captures.Start(); err != nil {
 		d.listener.Close()
 		d.stopCaptures()
 		return nil, fmt.Errorf("-interface: %w", err)
