@@ -1,6 +1,7 @@
 package saver
 
 import (
+	"bytes"
 	"encoding/binary"
 	"hash/crc32"
 	"io"
@@ -50,6 +51,9 @@ var deflaters = sync.Pool{New: func() any {
 	}
 	return w
 }}
+
+// scratches are the buffers chunks are compressed into.
+var scratches = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 
 // pcapWriter encodes packet records into a pcap stream and compresses it
 // into a gzip file, a chunk at a time, into out.
@@ -140,14 +144,23 @@ func (w *pcapWriter) flush() error {
 	}
 	w.crc = crc32.Update(w.crc, crc32.IEEETable, w.chunk)
 	w.size += uint32(len(w.chunk))
+	// Compress into a scratch buffer, then write it out at once: the
+	// compressor writes in pieces of a few hundred bytes, and each would
+	// be a system call on a streamed file.
+	scratch := scratches.Get().(*bytes.Buffer)
+	scratch.Reset()
 	fw := deflaters.Get().(*flate.Writer)
-	fw.ResetDict(w.out, w.dict)
+	fw.ResetDict(scratch, w.dict)
 	_, err := fw.Write(w.chunk)
 	if err == nil {
 		err = fw.Flush()
 	}
-	fw.Reset(io.Discard) // let go of out and the dictionary
+	fw.Reset(io.Discard) // let go of the buffer and the dictionary
 	deflaters.Put(fw)
+	if err == nil {
+		_, err = w.out.Write(scratch.Bytes())
+	}
+	scratches.Put(scratch)
 	if err != nil {
 		return err
 	}

@@ -243,9 +243,11 @@ func (s *Saver) Run() {
 			s.add(&batch[i])
 		}
 		// Drop the references to the packets' bytes before keeping the
-		// slice for reuse; a slice grown by a burst is let go.
+		// slice for reuse. The two slices ping-pong between Push and Run,
+		// so a busy flow allocates none; one grown by a long burst
+		// (beyond 1.3 MB) is let go.
 		clear(batch)
-		if cap(batch) <= 4096 {
+		if cap(batch) <= 16384 {
 			s.spare = batch[:0]
 		}
 		if closed {
