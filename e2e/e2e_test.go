@@ -169,6 +169,13 @@ type env struct {
 }
 
 func newEnv(t *testing.T, daemonArgs ...string) *env {
+	return newEnvOn(t, true, daemonArgs...)
+}
+
+// newEnvOn starts the environment; with allInterfaces false the daemon is
+// given -interface for the server's veth, else it captures on every
+// interface of the server namespace.
+func newEnvOn(t *testing.T, named bool, daemonArgs ...string) *env {
 	tp := newTopology(t)
 	e := &env{t: t, tp: tp, dir: t.TempDir()}
 	e.dataDir = filepath.Join(e.dir, "data")
@@ -187,15 +194,18 @@ func newEnv(t *testing.T, daemonArgs ...string) *env {
 	if !e.tcpdump.log.waitFor("listening on", 1, 10*time.Second) {
 		t.Fatalf("tcpdump did not start: %s", e.tcpdump.log.String())
 	}
-	args := append([]string{
-		"-interface=" + tp.serverIf,
+	args := []string{
 		"-datadir=" + e.dataDir,
 		"-tcpinfo.eventsocket=" + e.sock,
 		"-flowtimeout=1s",
 		"-captureduration=20s",
 		"-sigtermwait=200ms",
 		"-prometheusx.listen-address=127.0.0.1:9991",
-	}, daemonArgs...)
+	}
+	if named {
+		args = append(args, "-interface="+tp.serverIf)
+	}
+	args = append(args, daemonArgs...)
 	e.daemon = startProc(t, tp.server, "packet-headers", daemonBin, args...)
 	if !e.daemon.log.waitFor("capturing", 1, 10*time.Second) || !e.daemon.log.waitFor("connected to eventsocket", 1, 10*time.Second) {
 		t.Fatalf("daemon did not start:\n%s", e.daemon.log.String())
@@ -621,4 +631,34 @@ func diffOutside(a, b []byte, h flow.Header) bool {
 		}
 	}
 	return false
+}
+
+// TestInterfacesComeAndGo runs the daemon without -interface: an interface
+// added later is captured within a few seconds, and one removed ends its
+// capture and nothing else.
+func TestInterfacesComeAndGo(t *testing.T) {
+	e := newEnvOn(t, false)
+	if !e.daemon.log.waitFor("interface="+e.tp.serverIf, 1, 10*time.Second) {
+		t.Fatalf("not capturing on %s:\n%s", e.tp.serverIf, e.daemon.log.String())
+	}
+	// A new veth pair inside the server namespace.
+	a, b := "va"+e.tp.serverIf[2:], "vb"+e.tp.serverIf[2:]
+	run(t, "ip", "-n", e.tp.server, "link", "add", a, "type", "veth", "peer", "name", b)
+	run(t, "ip", "-n", e.tp.server, "addr", "add", "198.18.1.1/24", "dev", a)
+	run(t, "ip", "-n", e.tp.server, "link", "set", a, "up")
+	run(t, "ip", "-n", e.tp.server, "link", "set", b, "up")
+	if !e.daemon.log.waitFor("msg=capturing interface="+a, 1, 15*time.Second) {
+		t.Fatalf("new interface %s not captured:\n%s", a, e.daemon.log.String())
+	}
+	run(t, "ip", "-n", e.tp.server, "link", "del", a)
+	if !e.daemon.log.waitFor("interface="+a+" err=", 1, 15*time.Second) {
+		t.Fatalf("capture on the removed interface %s did not end:\n%s", a, e.daemon.log.String())
+	}
+	// The original interface still works: a flow is saved.
+	c := e.exchange(e.server.ln4.Addr().String(), 100)
+	e.fileOf(c.uuid, 20*time.Second)
+	e.daemon.signal(syscall.SIGTERM)
+	if code, ok := e.daemon.wait(15 * time.Second); !ok || code != 0 {
+		t.Fatalf("exit %d %v", code, ok)
+	}
 }
