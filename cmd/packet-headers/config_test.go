@@ -3,6 +3,9 @@ package main
 import (
 	"bytes"
 	"io"
+	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -179,5 +182,39 @@ func TestByteSize(t *testing.T) {
 				t.Errorf("round trip of %v via %q: %v %v", b, b.String(), again, err)
 			}
 		}
+	}
+}
+
+func TestBadEnvironmentAtStart(t *testing.T) {
+	withEnv(t, nil)
+	file := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(file, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"datadir is a file", []string{"-datadir=" + file, "-tcpinfo.eventsocket=/nonexistent"}, "-datadir=" + file + ": cannot write files there"},
+		{"datadir below a file", []string{"-datadir=" + file + "/sub", "-tcpinfo.eventsocket=/nonexistent"}, "-datadir="},
+		{"listen address in use", []string{"-datadir=" + t.TempDir(), "-tcpinfo.eventsocket=/nonexistent", "-prometheusx.listen-address=" + ln.Addr().String()}, "-prometheusx.listen-address=" + ln.Addr().String()},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			if code := run(t.Context(), tt.args, &stdout, &stderr); code != 2 {
+				t.Errorf("exit %d, want 2 (stderr %q)", code, stderr.String())
+			}
+			msg := stderr.String()
+			if !strings.Contains(msg, tt.want) || strings.Count(msg, "\n") != 1 {
+				t.Errorf("error %q, want one line containing %q", msg, tt.want)
+			}
+		})
 	}
 }
