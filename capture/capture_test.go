@@ -54,7 +54,7 @@ func (f *fakeSource) ZeroCopyReadPacketData() ([]byte, gopacket.CaptureInfo, err
 }
 
 func (f *fakeSource) Stats() (*pcap.Stats, error) { s := f.stats; return &s, nil }
-func (f *fakeSource) SetBPFFilter(s string) error  { f.filter = s; return nil }
+func (f *fakeSource) SetBPFFilter(s string) error { f.filter = s; return nil }
 func (f *fakeSource) Close() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
