@@ -34,12 +34,14 @@ type echoServer struct {
 	ln4, ln6 net.Listener
 	respLen  int
 	mu       sync.Mutex
+	accepted *sync.Cond // signalled when a cookie is recorded
 	cookies  map[string]uint64
 	wg       sync.WaitGroup
 }
 
 func startEchoServer(t *testing.T, tp *topology, respLen int) *echoServer {
 	s := &echoServer{respLen: respLen, cookies: map[string]uint64{}}
+	s.accepted = sync.NewCond(&s.mu)
 	err := inNS(tp.serverNS, func() error {
 		var err error
 		if s.ln4, err = net.Listen("tcp4", serverV4+":0"); err != nil {
@@ -72,6 +74,7 @@ func (s *echoServer) serve(ln net.Listener) {
 		if err == nil {
 			s.mu.Lock()
 			s.cookies[c.RemoteAddr().String()] = cookie
+			s.accepted.Broadcast()
 			s.mu.Unlock()
 		}
 		s.wg.Go(func() {
@@ -85,10 +88,23 @@ func (s *echoServer) serve(ln net.Listener) {
 	}
 }
 
+// uuidOf returns the UUID of the server's socket for a client, waiting for
+// the server to accept it (the client's connect returns before that).
 func (s *echoServer) uuidOf(t *testing.T, client string) string {
+	timer := time.AfterFunc(10*time.Second, func() {
+		s.mu.Lock()
+		s.accepted.Broadcast()
+		s.mu.Unlock()
+	})
+	defer timer.Stop()
+	deadline := time.Now().Add(10 * time.Second)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	cookie, ok := s.cookies[client]
+	for !ok && time.Now().Before(deadline) {
+		s.accepted.Wait()
+		cookie, ok = s.cookies[client]
+	}
 	if !ok {
 		t.Fatalf("no cookie for client %s", client)
 	}
