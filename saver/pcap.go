@@ -26,9 +26,13 @@ const (
 	maxTCPHeader = 60
 
 	// chunkSize is how many uncompressed pcap bytes a saver gathers before
-	// compressing them. A flow's RAM is at most one chunk, one window of
-	// dictionary and (buffered mode) its compressed file.
-	chunkSize = 64 << 10
+	// compressing them. Each chunk is compressed with the previous 32 KiB
+	// as its dictionary, which costs hashing that window again: with 64 KiB
+	// chunks that was a third of the saver's CPU, with 128 KiB it is a
+	// fifth (BENCHMARKS.md). A flow's RAM is at most one chunk, one window
+	// of dictionary and (buffered mode) its compressed file; a flow only
+	// grows its chunk as its packets arrive, so small flows stay small.
+	chunkSize = 128 << 10
 	// window is deflate's back-reference window: the dictionary a chunk is
 	// compressed with is the last window bytes of the chunks before it.
 	window = 32 << 10

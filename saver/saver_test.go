@@ -39,7 +39,7 @@ func newConfig(t *testing.T, dir string) *Config {
 
 // readPackets reads a testdata capture; each call returns fresh copies that
 // the saver may own.
-func readPackets(t *testing.T, name string) []replay.Packet {
+func readPackets(t testing.TB, name string) []replay.Packet {
 	t.Helper()
 	pkts, bad, err := replay.ReadFile(filepath.Join("..", "testdata", name))
 	if err != nil {
@@ -481,5 +481,35 @@ func TestStateString(t *testing.T) {
 	}
 	if State(-1).String() != "unknown" || numStates.String() != "unknown" {
 		t.Error("out-of-range states must be unknown")
+	}
+}
+
+// BenchmarkSaver measures one saver alone: queueing a packet, encoding its
+// record and compressing it, with the file published at the end (included).
+func BenchmarkSaver(b *testing.B) {
+	for _, stream := range []bool{false, true} {
+		b.Run(map[bool]string{false: "buffered", true: "stream"}[stream], func(b *testing.B) {
+			pkts := readPackets(b, "large-ndt.pcap")
+			// A backlog that holds every packet: the benchmark measures the
+			// saver's throughput, not what it drops when it falls behind.
+			cfg := &Config{Dir: b.TempDir(), CaptureDuration: time.Hour, Stream: stream, MaxBacklog: b.N + 1, Metrics: metrics.New(prometheus.NewRegistry())}
+			s := New(cfg, testUUID, opened, nil)
+			done := make(chan struct{})
+			go func() { s.Run(); close(done) }()
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				p := pkts[i%len(pkts)].Packet
+				p.Time = int64(i)
+				s.Push(p)
+			}
+			s.Close()
+			<-done
+			b.StopTimer()
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/pkt")
+			if got := testutil.ToFloat64(cfg.Metrics.PacketsSaved); got != float64(b.N) {
+				b.Fatalf("saved %v of %d packets", got, b.N)
+			}
+		})
 	}
 }
