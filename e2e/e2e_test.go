@@ -678,3 +678,40 @@ func TestInterfacesComeAndGo(t *testing.T) {
 		t.Fatalf("exit %d %v", code, ok)
 	}
 }
+
+// TestKill9LeavesNothingPartial kills the daemon with SIGKILL while flows are
+// being written (-stream: their files are open): nothing may remain under the
+// data directory but complete files.
+func TestKill9LeavesNothingPartial(t *testing.T) {
+	e := newEnv(t, "-stream", "-flowtimeout=1m")
+	// Flows in flight: named, with packets, not ended.
+	var held []net.Conn
+	for i := 0; i < 3; i++ {
+		opens := e.metric(opensMetric)
+		c := dial(t, e.tp, e.server.ln4.Addr().String())
+		held = append(held, c)
+		if !e.waitMetric(opensMetric, opens+1, 10*time.Second) {
+			t.Fatal("tcp-info did not name the connection")
+		}
+		if _, err := c.Write(bytes.Repeat([]byte("K"), 2000)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !e.waitMetric("pcap_saver_starts_total", 3, 10*time.Second) {
+		t.Fatal("savers did not start")
+	}
+	e.daemon.signal(syscall.SIGKILL)
+	e.daemon.wait(10 * time.Second)
+	for _, c := range held {
+		c.Close()
+	}
+	for _, f := range e.files() {
+		// Any file present must be complete: it decodes to the end.
+		if _, _, err := replay.ReadFile(f); err != nil {
+			t.Errorf("partial file %s left after kill -9: %v", f, err)
+		}
+	}
+	if n := len(e.files()); n != 0 {
+		t.Errorf("%d files after kill -9 of flows that were not finished: %v", n, e.files())
+	}
+}
