@@ -261,8 +261,11 @@ func waitForFileFresh(path string, p *proc, d time.Duration) bool {
 }
 
 // metric reads one metric's value from the daemon's /metrics.
-func (e *env) metric(name string) float64 {
-	body, err := e.scrape()
+func (e *env) metric(name string) float64 { return e.metricAt("127.0.0.1:9991", name) }
+
+// metricAt reads one metric's value from the /metrics at addr.
+func (e *env) metricAt(addr, name string) float64 {
+	body, err := e.scrapeAt(addr)
 	if err != nil {
 		e.t.Fatalf("scrape metrics: %v", err)
 	}
@@ -281,11 +284,14 @@ func (e *env) metric(name string) float64 {
 // scrape reads the daemon's /metrics. The connection is made on a thread in
 // the server namespace (http.Client would dial from another goroutine, in the
 // wrong namespace), then HTTP runs over it.
-func (e *env) scrape() ([]byte, error) {
+func (e *env) scrape() ([]byte, error) { return e.scrapeAt("127.0.0.1:9991") }
+
+// scrapeAt reads /metrics at addr in the server namespace.
+func (e *env) scrapeAt(addr string) ([]byte, error) {
 	var c net.Conn
 	err := inNS(e.tp.serverNS, func() error {
 		var err error
-		c, err = net.DialTimeout("tcp", "127.0.0.1:9991", 5*time.Second)
+		c, err = net.DialTimeout("tcp", addr, 5*time.Second)
 		return err
 	})
 	if err != nil {

@@ -29,6 +29,7 @@ import (
 	"github.com/m-lab/packet-headers/capture"
 	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/flow"
+	"github.com/m-lab/packet-headers/kernelsource"
 	phmetrics "github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/saver"
 	"github.com/m-lab/packet-headers/tcpeventsocket"
@@ -203,7 +204,17 @@ func (d *daemon) newUUIDSource() (uuidSource, error) {
 	if d.cfg.EventSocket != "" {
 		return tcpeventsocket.New(d.cfg.EventSocket, eventHandler{d.events}, d.m, d.log), nil
 	}
-	return nil, errors.New("-tcpinfo.eventsocket: required (the built-in UUID source is not available yet)")
+	src, err := kernelsource.New(kernelsource.Config{
+		PrefixFile: d.cfg.UUIDPrefixFile,
+		Interval:   d.cfg.PollInterval,
+		Metrics:    d.m,
+		Log:        d.log,
+	}, d.events)
+	if err != nil {
+		return nil, fmt.Errorf("-uuid-prefix-file=%s: %w", d.cfg.UUIDPrefixFile, err)
+	}
+	d.log.Info("standalone: UUIDs from the kernel", "prefix", src.Prefix(), "destroy_notifications", src.NotifiesDestroy())
+	return src, nil
 }
 
 // eventHandler passes tcp-info's Open events to the demuxer.

@@ -1,0 +1,419 @@
+// Package kernelsource names TCP flows without tcp-info: it learns about the
+// host's TCP sockets from the kernel and gives each the UUID tcp-info would
+// give it.
+//
+// Beside tcp-info, packet-headers takes each flow's UUID from tcp-info's
+// eventsocket (package tcpeventsocket). Run standalone, there is no
+// eventsocket, and without UUIDs no file is written. This package is the
+// built-in replacement: like tcp-info's collector it dumps the TCP sockets
+// of the network namespace over netlink sock_diag (IPv6, then IPv4) every
+// 10 ms, asks for the same states, drops the same sockets (loopback,
+// link-local, multicast and unspecified addresses), and names each socket
+// <prefix>_<cookie as %016X>, the format of github.com/m-lab/uuid, with the
+// prefix read from the same -uuid-prefix-file the same way. A file written
+// in standalone mode therefore carries the name a file written beside
+// tcp-info would carry.
+//
+// It goes one step beyond tcp-info. A flow that ends within one poll is never
+// seen by a dump, and tcp-info never names it. The Source also subscribes to
+// the kernel's TCP socket-destroy notifications (multicast groups of
+// NETLINK_SOCK_DIAG) and names each socket that ends without having been
+// seen; the demuxer holds an unnamed flow's packets for a few seconds, so
+// such short flows are saved too. The kernel lets any process subscribe
+// (sock_diag creates its netlink socket with NL_CFG_F_NONROOT_RECV), but a
+// security policy or a seccomp filter may refuse it: then the Source logs a
+// warning once and polls only, as tcp-info does.
+//
+// It is a package of its own, beside tcpeventsocket, because it is a second
+// source of the same demuxer.Open events with nothing else in common with
+// the eventsocket client: it speaks netlink to the kernel, not JSON to a
+// peer.
+package kernelsource
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/m-lab/uuid/prefix"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
+
+	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/metrics"
+)
+
+// DefaultInterval is tcp-info's polling interval (collector.Run).
+//
+// A poll is not free, and nearly all of its cost is the kernel's: each of
+// the two dumps walks the whole established-socket hash table (about 0.2 ms
+// for 262,144 buckets on a 2-core AMD EPYC VM), and each TCP socket of the
+// namespace costs about 1 µs more. At 10,000 sockets a 10 ms interval keeps
+// a CPU busy. A longer Interval trades that for later UUIDs; the demuxer
+// holds the packets of unnamed flows meanwhile, up to its limits.
+const DefaultInterval = 10 * time.Millisecond
+
+const (
+	// forgetAfter is how long a socket that has left the dumps is still
+	// remembered. A socket leaves the dumps when it enters TIME_WAIT or
+	// CLOSE, but the kernel notifies its destruction only when its last
+	// reference goes: at once for a socket its application has closed,
+	// later for one the application still holds (a reset connection not
+	// yet closed). A notification for a forgotten socket would name it a
+	// second time. The memory costs a map entry per socket closed in the
+	// last 10 to 20 seconds.
+	forgetAfter = 10 * time.Second
+	// failLogInterval bounds how often failed dumps and lost
+	// notifications are logged: a kernel that refuses dumps refuses
+	// a hundred a second.
+	failLogInterval = time.Minute
+	// destroyQueue is the number of destroy notifications that may wait
+	// while Run is busy (dumping, or blocked sending to the demuxer);
+	// beyond it they wait in the socket's buffer (destroyRcvBuf).
+	destroyQueue = 1024
+	// destroyBufSize is the read buffer of destroy notifications. The
+	// kernel sends one notification (under 400 bytes with its tcp_info)
+	// per datagram.
+	destroyBufSize = 16 << 10
+)
+
+// Config holds a Source's settings.
+type Config struct {
+	// PrefixFile holds the UUID prefix, as tcp-info's -uuid-prefix-file
+	// does. Its bytes are the prefix, unmodified: m-lab/uuid reads the
+	// flag with flagx.FileBytes, which does not trim, so a trailing
+	// newline would be part of every UUID, of tcp-info's and of ours.
+	// Empty means m-lab/uuid's default, prefix.UnsafeString(), which is
+	// also tcp-info's when it runs without the flag.
+	PrefixFile string
+	// Interval is the time between dumps; 0 means DefaultInterval.
+	Interval time.Duration
+	// Metrics receives UUIDSourceSockets (every new socket seen, named or
+	// not: loopback ones count), UUIDSourceIssued (Opens sent) and
+	// UUIDSourcePoll (the duration of a poll, both dumps); nil means
+	// metrics on a private registry.
+	Metrics *metrics.Metrics
+	// Log is the logger; nil discards.
+	Log *slog.Logger
+}
+
+// Source learns about TCP sockets from the kernel and sends one demuxer.Open
+// for each socket tcp-info would name. Create it with New, then call Run
+// once: Run releases the netlink sockets New opened. Prefix is safe for
+// concurrent use; the rest belongs to Run's goroutine.
+type Source struct {
+	cfg     Config
+	prefix  string
+	out     chan<- demuxer.Open
+	dumper  *dumper
+	destroy *os.File // nil: polling only
+	ran     atomic.Bool
+
+	sockets prometheus.Counter
+	issued  prometheus.Counter
+	pollDur prometheus.Histogram
+
+	// The cookies known, in two generations, owned by Run's goroutine.
+	// Each socket in a dump is looked up in cur; only a cookie in neither
+	// map is new and costs more than the lookup. After a successful dump,
+	// once forgetAfter has passed since the last swap, cur becomes old and
+	// an empty map becomes cur; the next dump moves the live cookies back,
+	// so the cookies of sockets gone for forgetAfter to 2×forgetAfter are
+	// dropped with old.
+	cur, old map[uint64]struct{}
+	swapped  time.Time
+	opens    []demuxer.Open // Opens found by the current poll
+	failLog  rateLog
+}
+
+// New creates a Source that sends its Opens to out. It reads the prefix file
+// and opens its netlink sockets in the network namespace of the calling
+// thread. It subscribes to socket-destroy notifications if it can; if not,
+// it logs a warning once and the Source polls only.
+func New(cfg Config, out chan<- demuxer.Open) (*Source, error) {
+	if out == nil {
+		return nil, errors.New("kernelsource: nil output channel")
+	}
+	if cfg.Interval < 0 {
+		return nil, fmt.Errorf("kernelsource: negative interval %v", cfg.Interval)
+	}
+	if cfg.Interval == 0 {
+		cfg.Interval = DefaultInterval
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = metrics.New(prometheus.NewRegistry())
+	}
+	p, err := readPrefix(cfg.PrefixFile)
+	if err != nil {
+		return nil, err
+	}
+	if strings.ContainsFunc(p, func(r rune) bool { return r <= ' ' || r == '/' || r >= 0x7f }) {
+		// m-lab/uuid takes such a prefix as it is, and so do we, so that
+		// names stay equal to tcp-info's; but a newline or a slash in a
+		// file name is surely not what was meant.
+		cfg.Log.Warn("uuid prefix contains spaces, control characters or slashes; they will be part of every file name", "prefix", p)
+	}
+	d, err := openDumper()
+	if err != nil {
+		return nil, err
+	}
+	s := &Source{
+		cfg:     cfg,
+		prefix:  p,
+		out:     out,
+		dumper:  d,
+		sockets: cfg.Metrics.UUIDSourceSockets,
+		issued:  cfg.Metrics.UUIDSourceIssued,
+		pollDur: cfg.Metrics.UUIDSourcePoll,
+		cur:     make(map[uint64]struct{}),
+		old:     make(map[uint64]struct{}),
+	}
+	if s.destroy, err = openDestroy(); err != nil {
+		// EPERM, typically: refused by a security policy.
+		cfg.Log.Warn("cannot subscribe to TCP socket-destroy notifications; polling only: flows shorter than the poll interval get no UUID",
+			"interval", cfg.Interval, "err", err)
+	}
+	return s, nil
+}
+
+// readPrefix reads the prefix as m-lab/uuid does.
+func readPrefix(path string) (string, error) {
+	if path == "" {
+		return prefix.UnsafeString(), nil
+	}
+	b, err := os.ReadFile(path) // what flagx.FileBytes.Set does
+	if err != nil {
+		return "", fmt.Errorf("read uuid prefix file: %w", err)
+	}
+	return string(b), nil
+}
+
+// Prefix returns the UUID prefix.
+func (s *Source) Prefix() string { return s.prefix }
+
+// NotifiesDestroy reports whether the Source receives socket-destroy
+// notifications, and so names flows shorter than a poll.
+func (s *Source) NotifiesDestroy() bool { return s.destroy != nil }
+
+// UUID returns the UUID of the socket with the given cookie:
+// prefix + "_" + the cookie as 16 upper-case hexadecimal digits, the format
+// of m-lab/uuid's FromCookie (fmt.Sprintf("%s_%016X", prefix, cookie)).
+func UUID(prefix string, cookie uint64) string {
+	const digits = "0123456789ABCDEF"
+	var hex [16]byte
+	for i := len(hex) - 1; i >= 0; i-- {
+		hex[i] = digits[cookie&0xF]
+		cookie >>= 4
+	}
+	var b strings.Builder
+	b.Grow(len(prefix) + 1 + len(hex))
+	b.WriteString(prefix)
+	b.WriteByte('_')
+	b.Write(hex[:])
+	return b.String()
+}
+
+// Run dumps the sockets every Interval and sends an Open for each new socket
+// to be named, and one for each socket destroyed without having been seen,
+// until ctx is done; then it returns nil. A failed dump is logged (at most
+// once a minute) and tried again at the next tick. Sending to out may block;
+// Run still stops promptly when ctx is done. Run never closes out. Run may be
+// called only once.
+func (s *Source) Run(ctx context.Context) error {
+	if !s.ran.CompareAndSwap(false, true) {
+		return errors.New("kernelsource: Run called twice")
+	}
+	defer s.dumper.close()
+	var destroyed chan destroyedSock
+	if s.destroy != nil {
+		destroyed = make(chan destroyedSock, destroyQueue)
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		// Closing the file ends the reader's pending Read.
+		context.AfterFunc(ctx, func() { s.destroy.Close() })
+		wg.Go(func() { s.readDestroyed(ctx, destroyed) })
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	tick := time.NewTicker(s.cfg.Interval)
+	defer tick.Stop()
+	s.poll(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+			s.poll(ctx)
+		case d := <-destroyed:
+			s.destroyed(ctx, d)
+		}
+	}
+}
+
+// poll dumps the sockets of both families and sends the Opens of the new
+// ones. Like tcp-info, it dumps IPv6 first and dates each family's Opens
+// with the time its dump completed.
+func (s *Source) poll(ctx context.Context) {
+	start := time.Now()
+	var err error
+	for _, family := range [...]uint8{unix.AF_INET6, unix.AF_INET} {
+		first := len(s.opens)
+		if e := s.dumper.dump(family, s.consider); e != nil && err == nil {
+			err = fmt.Errorf("family %d: %w", family, e)
+		}
+		t := time.Now().UTC()
+		for i := first; i < len(s.opens); i++ {
+			s.opens[i].Time = t
+		}
+	}
+	now := time.Now()
+	s.pollDur.Observe(now.Sub(start).Seconds())
+	switch {
+	case err != nil:
+		// The cookies stay known: a failed dump says nothing of which
+		// sockets are gone.
+		if ok, n := s.failLog.allow(now); ok {
+			s.cfg.Log.Warn("socket dump failed; retrying at the next tick", "err", err, "suppressed", n)
+		}
+	case now.Sub(s.swapped) >= forgetAfter:
+		s.old, s.cur = s.cur, s.old
+		clear(s.cur)
+		s.swapped = now
+	}
+	// Sockets found by a dump that failed part way are named too.
+	for _, o := range s.opens {
+		if !s.send(ctx, o) {
+			break
+		}
+	}
+	clear(s.opens) // drop the UUID strings
+	s.opens = s.opens[:0]
+}
+
+// consider takes one socket of a dump. Only a new cookie costs more than a
+// map lookup.
+func (s *Source) consider(m sockMsg) {
+	if _, ok := s.cur[m.cookie]; ok {
+		return
+	}
+	s.cur[m.cookie] = struct{}{}
+	if _, ok := s.old[m.cookie]; ok {
+		return
+	}
+	s.sockets.Inc()
+	if excluded(&m) {
+		return
+	}
+	s.opens = append(s.opens, demuxer.Open{Key: m.key(), UUID: UUID(s.prefix, m.cookie)})
+}
+
+// destroyedSock is a socket-destroy notification.
+type destroyedSock struct {
+	m  sockMsg
+	at time.Time
+}
+
+// destroyed names a destroyed socket if no dump has seen it. A destroyed
+// socket is out of the kernel's tables before its notification is sent, so
+// no later dump can see it again: it needs no entry in the known cookies.
+func (s *Source) destroyed(ctx context.Context, d destroyedSock) {
+	if _, ok := s.cur[d.m.cookie]; ok {
+		return
+	}
+	if _, ok := s.old[d.m.cookie]; ok {
+		return
+	}
+	s.sockets.Inc()
+	if excluded(&d.m) {
+		return
+	}
+	s.send(ctx, demuxer.Open{Key: d.m.key(), UUID: UUID(s.prefix, d.m.cookie), Time: d.at})
+}
+
+// send sends o to the demuxer, or gives up when ctx is done.
+func (s *Source) send(ctx context.Context, o demuxer.Open) bool {
+	select {
+	case s.out <- o:
+		s.issued.Inc()
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// readDestroyed reads socket-destroy notifications and passes them to Run's
+// goroutine, until the file is closed.
+func (s *Source) readDestroyed(ctx context.Context, out chan<- destroyedSock) {
+	buf := make([]byte, destroyBufSize)
+	var lostLog rateLog
+	for {
+		n, err := s.destroy.Read(buf)
+		switch {
+		case errors.Is(err, os.ErrClosed):
+			return
+		case errors.Is(err, unix.ENOBUFS):
+			// The socket's buffer overflowed and the kernel dropped
+			// notifications: short flows among them go unnamed.
+			if ok, n := lostLog.allow(time.Now()); ok {
+				s.cfg.Log.Warn("TCP socket-destroy notifications lost: receive buffer full", "suppressed", n)
+			}
+			continue
+		case err != nil:
+			s.cfg.Log.Warn("reading TCP socket-destroy notifications failed; polling only from now on", "err", err)
+			return
+		}
+		at := time.Now().UTC()
+		err = forEachMessage(buf[:n], func(typ, _ uint16, _ uint32, p []byte) error {
+			if typ != unix.SOCK_DIAG_BY_FAMILY {
+				return nil
+			}
+			m, err := parseInetDiagMsg(p)
+			if err != nil {
+				return err
+			}
+			select {
+			case out <- destroyedSock{m: m, at: at}:
+				return nil
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		})
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			if ok, n := lostLog.allow(time.Now()); ok {
+				s.cfg.Log.Warn("bad TCP socket-destroy notification", "err", err, "suppressed", n)
+			}
+		}
+	}
+}
+
+// rateLog limits a log message to one per failLogInterval.
+type rateLog struct {
+	next       time.Time
+	suppressed int
+}
+
+// allow reports whether to log now and, if so, how many messages were
+// suppressed since the last one.
+func (r *rateLog) allow(now time.Time) (bool, int) {
+	if now.Before(r.next) {
+		r.suppressed++
+		return false, 0
+	}
+	n := r.suppressed
+	r.suppressed = 0
+	r.next = now.Add(failLogInterval)
+	return true, n
+}
