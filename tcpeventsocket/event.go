@@ -196,13 +196,15 @@ func classifyJSONError(err error) *BadEventError {
 // is refused because tcp-info never writes one and it would make Local and
 // Remote differ from the addresses the capture sees.
 func parseIP(field, s string) (netip.Addr, error) {
+	// The messages never quote the address: they are logged, and with
+	// -anonymize.ip=netblock no remote address may reach the logs.
 	a, err := netip.ParseAddr(s)
 	if err != nil {
-		return netip.Addr{}, &BadEventError{Reason: ReasonBadIP, Err: fmt.Errorf("%s: %w", field, err)}
+		return netip.Addr{}, bad(ReasonBadIP, "%s: not an IP address (%d bytes)", field, len(s))
 	}
 	a = a.Unmap()
 	if a.Zone() != "" || a.IsUnspecified() {
-		return netip.Addr{}, bad(ReasonBadIP, "%s: unusable address %q", field, s)
+		return netip.Addr{}, bad(ReasonBadIP, "%s: unspecified or zoned address", field)
 	}
 	return a, nil
 }

@@ -263,3 +263,19 @@ func TestBadEventErrorUnwraps(t *testing.T) {
 		t.Errorf("Error() = %q, want it to start with the reason", err.Error())
 	}
 }
+
+// TestBadIPNotInError: bad-event errors are logged, and with netblock
+// anonymization no remote address may reach the logs, so they never quote
+// the address.
+func TestBadIPNotInError(t *testing.T) {
+	for _, ip := range []string{"198.51.100.77x", "198.51.100.77%eth0", "2001:db8:1:2:3:4:5:6%x", "0.0.0.0"} {
+		line := `{"Event":0,"Timestamp":"2024-11-18T12:00:00Z","UUID":"h_1","ID":{"SPort":1,"DPort":2,"SrcIP":"192.0.2.1","DstIP":"` + ip + `","Cookie":1}}`
+		_, err := ParseLine([]byte(line))
+		if err == nil {
+			t.Fatalf("%s accepted", ip)
+		}
+		if strings.Contains(err.Error(), ip) || (len(ip) > 12 && strings.Contains(err.Error(), ip[:12])) {
+			t.Errorf("error %q quotes the address %q", err, ip)
+		}
+	}
+}
