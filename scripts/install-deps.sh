@@ -13,6 +13,7 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
+command -v setcap >/dev/null 2>&1 || need+=(libcap2-bin)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 
 if [ ${#need[@]} -gt 0 ]; then

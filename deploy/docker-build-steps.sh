@@ -1,0 +1,56 @@
+#!/bin/sh
+# The steps of ../Dockerfile, as a script so that deploy_test.go runs the very
+# same commands on the test machine (which has no Docker engine) and the image
+# and the tests cannot drift apart. Run from anywhere; paths given are used as
+# they are.
+#
+#   docker-build-steps.sh build-deps       apt: what building needs (libpcap-dev)
+#   docker-build-steps.sh build OUT        build the daemon (cgo) to OUT
+#   docker-build-steps.sh runtime-deps     apt: what running needs (libpcap0.8, libcap2-bin)
+#   docker-build-steps.sh setcap BIN       give BIN the CAP_NET_RAW file capability
+set -eu
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+
+apt_install() {
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "$@"
+	rm -rf /var/lib/apt/lists/*
+}
+
+case "${1:-}" in
+build-deps)
+	# gcc and pkg-config come with the golang image.
+	apt_install libpcap-dev
+	;;
+build)
+	[ $# -eq 2 ] || { echo "usage: $0 build OUT" >&2; exit 2; }
+	out=$2
+	case $out in /*) ;; *) out=$(pwd)/$out ;; esac
+	cd "$repo"
+	# cgo: the capture links libpcap. -trimpath keeps the build machine's
+	# paths out of the binary.
+	CGO_ENABLED=1 go build -trimpath -o "$out" ./cmd/packet-headers
+	# The image runs as nobody: the binary must be readable and executable
+	# by all.
+	chmod 0755 "$out"
+	;;
+runtime-deps)
+	# libpcap0.8 is the library the binary links; libcap2-bin has setcap.
+	apt_install libpcap0.8 libcap2-bin
+	;;
+setcap)
+	[ $# -eq 2 ] || { echo "usage: $0 setcap BIN" >&2; exit 2; }
+	# As the original image: a file capability, so that the daemon can open
+	# packet captures as an unprivileged user (USER nobody) without any
+	# other privilege. It takes effect only if the container runtime keeps
+	# CAP_NET_RAW in the bounding set and no_new_privs is off (Kubernetes:
+	# allowPrivilegeEscalation must not be false).
+	setcap cap_net_raw+ep "$2"
+	;;
+*)
+	echo "usage: $0 build-deps | build OUT | runtime-deps | setcap BIN" >&2
+	exit 2
+	;;
+esac
