@@ -32,11 +32,14 @@ type Open struct {
 // Defaults for the limits that have no flag of the original's.
 const (
 	// DefaultMaxPending bounds the flows waiting for a UUID. A pending flow
-	// costs about 400 bytes (its table entry, one queued packet and its
-	// header bytes), so 100,000 of them are about 40 MB: room for 20,000
-	// new flows a second with a five-second UUID wait, and a SYN flood
-	// beyond that evicts the oldest pending flows rather than growing.
-	DefaultMaxPending = 100_000
+	// costs about 400 bytes of heap (its table entry with one packet, its
+	// header bytes, its place in the expiry queue), twice that counting
+	// the garbage collector's headroom, so 50,000 of them are about 40 MB:
+	// room for 10,000 new flows a second with a five-second UUID wait
+	// (measurement hosts see hundreds). A SYN flood beyond that evicts the
+	// oldest pending flows, so a real flow, named within milliseconds,
+	// survives a flood of 50,000 SYNs a second (RELIABILITY.md).
+	DefaultMaxPending = 50_000
 	// DefaultPendingPackets bounds the packets held for one pending flow.
 	// tcp-info names a flow within a poll (10 ms) of it being established;
 	// a flow in slow start sends far fewer than this in that time.
@@ -71,12 +74,45 @@ type Config struct {
 	LogKey func(flow.Key) string
 }
 
-// entry is one flow in the table. Exactly one of saver and pending is in use:
-// a flow is pending until its UUID arrives.
+// entry is one flow in the table. A flow is pending (saver is nil, its
+// packets are held) until its UUID arrives.
 type entry struct {
-	saver   *saver.Saver
-	pending []flow.Packet
-	gen     uint64 // the GC generation in which the flow last had a packet
+	saver *saver.Saver
+	// The pending packets: first, then more. Most pending flows hold one
+	// packet (a SYN, or a SYN flood's spoofed SYN), so it is stored inline,
+	// saving an allocation and a slice per pending flow.
+	first flow.Packet
+	more  []flow.Packet
+	gen   uint64 // the GC generation in which the flow last had a packet
+}
+
+// npending returns how many packets a pending flow holds.
+func (e *entry) npending() int {
+	if e.first.Data == nil {
+		return 0
+	}
+	return 1 + len(e.more)
+}
+
+func (e *entry) hold(p flow.Packet) {
+	if e.first.Data == nil {
+		e.first = p
+		return
+	}
+	e.more = append(e.more, p)
+}
+
+// release hands the pending packets to fn in order and forgets them.
+func (e *entry) release(fn func(flow.Packet)) {
+	if e.first.Data != nil && fn != nil {
+		fn(e.first)
+		for _, p := range e.more {
+			fn(p)
+		}
+	}
+	e.first = flow.Packet{}
+	clear(e.more)
+	e.more = nil
 }
 
 // pendingRef is a pending flow in the order flows became pending.
@@ -189,11 +225,11 @@ func (d *Demuxer) Packet(p flow.Packet) {
 		e.saver.Push(p)
 		return
 	}
-	if len(e.pending) >= d.cfg.PendingPackets {
+	if e.npending() >= d.cfg.PendingPackets {
 		d.missedPending.Inc()
 		return
 	}
-	e.pending = append(e.pending, p)
+	e.hold(p)
 }
 
 // admit decides whether a new flow may enter the table.
@@ -240,10 +276,7 @@ func (d *Demuxer) Open(ev Open) {
 		d.startSaver(e, ev)
 	case e.saver == nil:
 		d.startSaver(e, ev)
-		for _, p := range e.pending {
-			e.saver.Push(p)
-		}
-		e.pending = nil
+		e.release(e.saver.Push)
 		d.npending--
 	case e.saver.UUID() == ev.UUID:
 		// tcp-info sends Open again for every live socket when it
@@ -301,9 +334,11 @@ func (d *Demuxer) expirePending(now int64) {
 
 func (d *Demuxer) evictOldestPending() {
 	for d.fifoHead < len(d.fifo) {
-		r := d.fifo[d.fifoHead]
+		// Stale refs (flows named or collected since) are skipped; the
+		// first live one is dropped.
+		live := d.isPending(d.fifo[d.fifoHead])
 		d.popPending(d.droppedLimit)
-		if d.isPending(r) {
+		if live {
 			return
 		}
 	}
@@ -334,9 +369,8 @@ func (d *Demuxer) dropPending(e *entry, reason prometheus.Counter) {
 		// saver error with this reason; dashboards watch it.
 		d.uuidTimedOut.Inc()
 	}
-	d.cfg.Metrics.DemuxerIgnored.Add(float64(len(e.pending)))
-	clear(e.pending)
-	e.pending = nil
+	d.cfg.Metrics.DemuxerIgnored.Add(float64(e.npending()))
+	e.release(nil)
 	d.npending--
 }
 

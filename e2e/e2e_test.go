@@ -188,6 +188,10 @@ func newEnv(t *testing.T, daemonArgs ...string) *env {
 	return newEnvOn(t, true, daemonArgs...)
 }
 
+// refFilter is the reference tcpdump's filter. The flood test narrows it to
+// leave out its spoofed packets.
+var refFilter = "tcp"
+
 // newEnvOn starts the environment; with allInterfaces false the daemon is
 // given -interface for the server's veth, else it captures on every
 // interface of the server namespace.
@@ -206,7 +210,7 @@ func newEnvOn(t *testing.T, named bool, daemonArgs ...string) *env {
 	if _, err := os.Stat("/usr/bin/tcpdump"); err != nil {
 		t.Skip("tcpdump is not installed (the README's test command installs it)")
 	}
-	e.tcpdump = startProc(t, tp.client, "tcpdump", "/usr/bin/tcpdump", "-i", tp.clientIf, "-n", "-U", "--immediate-mode", "-s", "256", "-w", e.refPath, "tcp")
+	e.tcpdump = startProc(t, tp.client, "tcpdump", "/usr/bin/tcpdump", "-i", tp.clientIf, "-n", "-U", "--immediate-mode", "-s", "256", "-w", e.refPath, refFilter)
 	if !e.tcpdump.log.waitFor("listening on", 1, 10*time.Second) {
 		t.Fatalf("tcpdump did not start: %s", e.tcpdump.log.String())
 	}

@@ -1,0 +1,99 @@
+package demuxer
+
+import (
+	"encoding/binary"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/m-lab/packet-headers/flow"
+	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/saver"
+)
+
+// synFlood feeds n SYNs from distinct spoofed sources into d.
+func synFlood(d *Demuxer, n int) {
+	raw := make([]byte, 58)
+	binary.BigEndian.PutUint16(raw[12:], 0x0800)
+	raw[14] = 0x45
+	raw[14+9] = 6
+	binary.BigEndian.PutUint32(raw[14+16:], 0xC6120001) // 198.18.0.1
+	raw[14+20+12] = 6 << 4
+	raw[14+20+13] = 0x02 // SYN
+	var b flow.Builder
+	for i := 0; i < n; i++ {
+		binary.BigEndian.PutUint32(raw[14+12:], 0xC6128000|uint32(i)) // 198.18.128.0/17 and beyond
+		binary.BigEndian.PutUint16(raw[14+20:], uint16(i))
+		p, _, err := b.Build(raw, flow.LinkEthernet, int64(i), len(raw))
+		if err != nil {
+			panic(err)
+		}
+		d.Packet(p)
+	}
+}
+
+// TestSYNFloodMemoryBounded: a flood of spoofed SYNs, each a new flow that
+// will never be named, keeps at most MaxPending flows, evicting the oldest,
+// and its heap stays bounded whatever the flood's length.
+func TestSYNFloodMemoryBounded(t *testing.T) {
+	m := metrics.New(prometheus.NewRegistry())
+	d := New(Config{
+		FlowTimeout: time.Hour,
+		UUIDWait:    time.Hour, // only the limit evicts
+		Saver:       &saver.Config{Dir: t.TempDir(), CaptureDuration: time.Hour, Metrics: m},
+		Metrics:     m,
+	})
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	const syns = 300_000
+	synFlood(d, syns)
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	if d.npending != DefaultMaxPending || len(d.flows) != DefaultMaxPending {
+		t.Errorf("%d pending flows, %d in the table; want %d", d.npending, len(d.flows), DefaultMaxPending)
+	}
+	if n := testutil.ToFloat64(m.PendingDropped.WithLabelValues("limit")); n != syns-DefaultMaxPending {
+		t.Errorf("evicted %v flows, want %d", n, syns-DefaultMaxPending)
+	}
+	perFlow := float64(after.HeapInuse-before.HeapInuse) / DefaultMaxPending
+	t.Logf("heap in use per pending flow: %.0f bytes", perFlow)
+	if perFlow > 800 {
+		t.Errorf("a pending flow costs %.0f bytes of heap, want at most 800", perFlow)
+	}
+	// A flow named during the flood still gets its packets.
+	v4 := readPackets(t, "v4.pcap")
+	for _, p := range v4[:3] {
+		d.Packet(p)
+	}
+	synFlood(d, 1000) // younger than the real flow: it is not evicted
+	d.Open(Open{Key: v4[0].Key, UUID: "real", Time: opened})
+	for _, p := range v4[3:] {
+		d.Packet(p)
+	}
+	d.Flush()
+	if n := testutil.ToFloat64(m.PacketsSaved); n != float64(len(v4)) {
+		t.Errorf("real flow saved %v packets, want %d", n, len(v4))
+	}
+}
+
+// TestEvictionKeepsYoungerPending: at the limit, only the oldest pending
+// flow is dropped.
+func TestEvictionKeepsYoungerPending(t *testing.T) {
+	m := metrics.New(prometheus.NewRegistry())
+	d := New(Config{
+		FlowTimeout: time.Hour, UUIDWait: time.Hour, MaxPending: 2,
+		Saver:   &saver.Config{Dir: t.TempDir(), CaptureDuration: time.Hour, Metrics: m},
+		Metrics: m,
+	})
+	synFlood(d, 3)
+	if d.npending != 2 || len(d.flows) != 2 {
+		t.Errorf("after 3 flows with room for 2: %d pending, %d in the table", d.npending, len(d.flows))
+	}
+	if n := testutil.ToFloat64(m.PendingDropped.WithLabelValues("limit")); n != 1 {
+		t.Errorf("evicted %v, want 1", n)
+	}
+}
