@@ -156,6 +156,7 @@ func New(cfg Config) *Demuxer {
 	if cfg.LogKey == nil {
 		cfg.LogKey = flow.Key.String
 	}
+	cfg.Saver.Init()
 	m := cfg.Metrics
 	return &Demuxer{
 		cfg:           cfg,

@@ -205,7 +205,6 @@ func newEnvOn(t *testing.T, named bool, daemonArgs ...string) *env {
 	if err := os.WriteFile(e.prefix, []byte(uuidPrefix), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	daemonBin, _ := binaries(t)
 	e.startTCPInfo()
 	if _, err := os.Stat("/usr/bin/tcpdump"); err != nil {
 		t.Skip("tcpdump is not installed (the README's test command installs it)")
@@ -214,24 +213,33 @@ func newEnvOn(t *testing.T, named bool, daemonArgs ...string) *env {
 	if !e.tcpdump.log.waitFor("listening on", 1, 10*time.Second) {
 		t.Fatalf("tcpdump did not start: %s", e.tcpdump.log.String())
 	}
-	args := []string{
+	if named {
+		daemonArgs = append([]string{"-interface=" + tp.serverIf}, daemonArgs...)
+	}
+	e.startDaemon(daemonArgs...)
+	if !e.daemon.log.waitFor("connected to eventsocket", 1, 10*time.Second) {
+		t.Fatalf("daemon did not connect to tcp-info:\n%s", e.daemon.log.String())
+	}
+	e.server = startEchoServer(t, tp, 5000)
+	return e
+}
+
+// startDaemon starts the daemon in the server namespace with the test's
+// usual flags and extra args, and waits until it captures.
+func (e *env) startDaemon(extra ...string) {
+	daemonBin, _ := binaries(e.t)
+	args := append([]string{
 		"-datadir=" + e.dataDir,
 		"-tcpinfo.eventsocket=" + e.sock,
 		"-flowtimeout=1s",
 		"-captureduration=20s",
 		"-sigtermwait=200ms",
 		"-prometheusx.listen-address=127.0.0.1:9991",
+	}, extra...)
+	e.daemon = startProc(e.t, e.tp.server, "packet-headers", daemonBin, args...)
+	if !e.daemon.log.waitFor("capturing", 1, 10*time.Second) {
+		e.t.Fatalf("daemon did not start:\n%s", e.daemon.log.String())
 	}
-	if named {
-		args = append(args, "-interface="+tp.serverIf)
-	}
-	args = append(args, daemonArgs...)
-	e.daemon = startProc(t, tp.server, "packet-headers", daemonBin, args...)
-	if !e.daemon.log.waitFor("capturing", 1, 10*time.Second) || !e.daemon.log.waitFor("connected to eventsocket", 1, 10*time.Second) {
-		t.Fatalf("daemon did not start:\n%s", e.daemon.log.String())
-	}
-	e.server = startEchoServer(t, tp, 5000)
-	return e
 }
 
 func (e *env) startTCPInfo() {

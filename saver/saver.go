@@ -66,9 +66,11 @@ type Config struct {
 	lastLog atomic.Int64 // unix ns of the last rate-limited error log
 }
 
-// init resolves the labelled metrics once, so that the per-packet path never
-// hashes label values.
-func (c *Config) init() {
+// Init resolves the labelled metrics once, so that the per-packet path never
+// hashes label values; it also makes every state's and reason's series exist
+// from the start, so dashboards and alerts see zeros rather than nothing.
+// New calls it; calling it again does nothing.
+func (c *Config) Init() {
 	c.once.Do(func() {
 		if c.MaxBacklog <= 0 {
 			c.MaxBacklog = DefaultMaxBacklog
@@ -130,7 +132,7 @@ type Saver struct {
 // timestamp opened (it dates the file's directory). Start it with
 // go s.Run().
 func New(cfg *Config, uuid string, opened time.Time, log *slog.Logger) *Saver {
-	cfg.init()
+	cfg.Init()
 	if log == nil {
 		log = cfg.Log
 	}
