@@ -3,6 +3,7 @@ package demuxer
 import (
 	"encoding/binary"
 	"runtime"
+	"strconv"
 	"testing"
 	"time"
 
@@ -96,4 +97,64 @@ func TestEvictionKeepsYoungerPending(t *testing.T) {
 	if n := testutil.ToFloat64(m.PendingDropped.WithLabelValues("limit")); n != 1 {
 		t.Errorf("evicted %v, want 1", n)
 	}
+}
+
+// TestMaxHeapSheds: 10,000 saving flows and 100,000 pending flows under a
+// -maxheap budget smaller than they need: once the heap is over the budget,
+// new flows are shed and counted, the heap stays near the budget, and
+// nothing crashes.
+func TestMaxHeapSheds(t *testing.T) {
+	const budget = 48 << 20
+	m := metrics.New(prometheus.NewRegistry())
+	d := New(Config{
+		FlowTimeout: time.Hour, UUIDWait: time.Hour,
+		MaxPending: 100_000,
+		MaxHeap:    budget,
+		Saver:      &saver.Config{Dir: t.TempDir(), CaptureDuration: time.Hour, Metrics: m},
+		Metrics:    m,
+	})
+	v4 := readPackets(t, "v4.pcap")
+	raw := make([]byte, 58)
+	binary.BigEndian.PutUint16(raw[12:], 0x0800)
+	raw[14] = 0x45
+	raw[14+9] = 6
+	binary.BigEndian.PutUint32(raw[14+16:], 0xC6120001)
+	raw[14+20+12] = 6 << 4
+	var b flow.Builder
+	var peak uint64
+	var ms runtime.MemStats
+	for i := 0; i < 110_000; i++ {
+		binary.BigEndian.PutUint32(raw[14+12:], 0xC6128000|uint32(i))
+		binary.BigEndian.PutUint16(raw[14+20:], uint16(i))
+		p, _, err := b.Build(raw, flow.LinkEthernet, int64(i), len(raw))
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.Packet(p)
+		if i < 10_000 {
+			// A saving flow: named, with a few more packets.
+			d.Open(Open{Key: p.Key, UUID: "s" + strconv.Itoa(i), Time: opened})
+			for _, q := range v4[:4] {
+				q.Key = p.Key
+				d.Packet(q)
+			}
+		}
+		if i%1000 == 0 {
+			d.checkHeap()
+			runtime.ReadMemStats(&ms)
+			peak = max(peak, ms.HeapAlloc)
+		}
+	}
+	shed := testutil.ToFloat64(m.FlowsShed.WithLabelValues("maxheap"))
+	t.Logf("peak heap %.1f MB with a %.0f MB budget; %v flows shed, %d in the table", float64(peak)/1e6, float64(budget)/1e6, shed, len(d.flows))
+	if shed == 0 {
+		t.Error("no flow shed although the heap exceeded -maxheap")
+	}
+	if peak > 2*budget {
+		t.Errorf("peak heap %.1f MB, more than twice the %.0f MB budget", float64(peak)/1e6, float64(budget)/1e6)
+	}
+	if n := testutil.ToFloat64(m.SaverSkipped); n != shed {
+		t.Errorf("pcap_saver_skipped_total %v, want %v", n, shed)
+	}
+	d.Flush()
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/capture"
+	"github.com/m-lab/packet-headers/demuxer"
 )
 
 // Config is every setting of the daemon, filled from flags and environment
@@ -28,6 +29,7 @@ type Config struct {
 	MaxIdleRAM      ByteSize
 	MaxHeap         ByteSize
 	MaxFlows        int
+	MaxPending      int
 	PromListen      string
 	SigtermWait     time.Duration
 	Stream          bool
@@ -67,6 +69,7 @@ func newFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.Var(&c.MaxIdleRAM, "maxidleram", "How much idle RAM we should tolerate before we try and forcibly return it to the OS.")
 	fs.Var(&c.MaxHeap, "maxheap", "If the Go heap exceeds this size, new flows are not saved until it shrinks again. 0 means no limit.")
 	fs.IntVar(&c.MaxFlows, "maxflows", 0, "The maximum number of concurrent flows tracked. When reached, new flows are ignored (and counted). 0 means no limit.")
+	fs.IntVar(&c.MaxPending, "maxpending", demuxer.DefaultMaxPending, "The maximum number of flows waiting for their UUID. Beyond it the oldest is dropped (and counted), so a SYN flood cannot exhaust memory or crowd out real flows.")
 	fs.StringVar(&c.PromListen, "prometheusx.listen-address", c.PromListen, "The address on which Prometheus metrics are served at /metrics.")
 	fs.DurationVar(&c.SigtermWait, "sigtermwait", c.SigtermWait, "How long should the daemon hang around before exiting after receiving a SIGTERM.")
 	fs.BoolVar(&c.Stream, "stream", false, "Stream results to disk instead of buffering them in RAM.")
@@ -138,6 +141,9 @@ func (c *Config) Validate() error {
 	// A TCP packet's headers: 14 Ethernet + 20 IPv4 + 20 TCP at the least.
 	if c.MaxHeaderSize < 54 || c.MaxHeaderSize > 65535 {
 		errs = append(errs, fmt.Errorf("-maxheadersize=%d: must be between 54 and 65535", c.MaxHeaderSize))
+	}
+	if c.MaxPending <= 0 {
+		errs = append(errs, fmt.Errorf("-maxpending=%d: must be positive", c.MaxPending))
 	}
 	if c.MaxFlows < 0 {
 		errs = append(errs, fmt.Errorf("-maxflows=%d: must not be negative", c.MaxFlows))

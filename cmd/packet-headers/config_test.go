@@ -111,6 +111,7 @@ func TestBadInput(t *testing.T) {
 		{[]string{"-uuidwaitduration=0"}, nil, "-uuidwaitduration"},
 		{[]string{"-maxheadersize=20"}, nil, "-maxheadersize=20"},
 		{[]string{"-maxflows=-1"}, nil, "-maxflows=-1"},
+		{[]string{"-maxpending=0"}, nil, "-maxpending=0"},
 		{[]string{"-sigtermwait=-1s"}, nil, "-sigtermwait"},
 		{[]string{"-anonymize.ip=sha256"}, nil, "anonymize.ip"},
 		{[]string{"-maxidleram=lots"}, nil, "-maxidleram"},

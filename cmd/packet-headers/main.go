@@ -155,6 +155,7 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 		FlowTimeout: cfg.FlowTimeout,
 		UUIDWait:    cfg.UUIDWait,
 		MaxFlows:    cfg.MaxFlows,
+		MaxPending:  cfg.MaxPending,
 		MaxHeap:     uint64(cfg.MaxHeap),
 		Saver: &saver.Config{
 			Dir:             dir,
