@@ -9,7 +9,7 @@
 package flow
 
 import (
-	"bytes"
+	"encoding/binary"
 	"fmt"
 	"net/netip"
 )
@@ -39,6 +39,26 @@ func to16(dst *[16]byte, ip []byte) {
 	copy(dst[:], ip)
 }
 
+// compare16 orders two addresses as bytes.Compare would, in two word
+// comparisons.
+func compare16(a, b *[16]byte) int {
+	a0, b0 := binary.BigEndian.Uint64(a[:8]), binary.BigEndian.Uint64(b[:8])
+	if a0 != b0 {
+		if a0 < b0 {
+			return -1
+		}
+		return 1
+	}
+	a1, b1 := binary.BigEndian.Uint64(a[8:]), binary.BigEndian.Uint64(b[8:])
+	switch {
+	case a1 < b1:
+		return -1
+	case a1 > b1:
+		return 1
+	}
+	return 0
+}
+
 // MakeKey builds the key of the flow between (a, aPort) and (b, bPort). The
 // addresses are raw bytes, each 4 (IPv4) or 16 (IPv6) long, as they appear in
 // a packet. It does not allocate.
@@ -46,7 +66,7 @@ func MakeKey(a []byte, aPort uint16, b []byte, bPort uint16) Key {
 	var ka, kb [16]byte
 	to16(&ka, a)
 	to16(&kb, b)
-	c := bytes.Compare(ka[:], kb[:])
+	c := compare16(&ka, &kb)
 	if c < 0 || (c == 0 && aPort <= bPort) {
 		return Key{lo: ka, hi: kb, loPort: aPort, hiPort: bPort}
 	}

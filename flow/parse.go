@@ -70,11 +70,15 @@ const (
 // start with a header of the given link type. It never allocates and never
 // panics on malformed input; it returns one of the package's errors instead.
 func Parse(data []byte, link LinkType) (Header, error) {
+	var h Header
 	l3, ethType, err := linkHeader(data, link)
+	if err == nil {
+		err = parseIP(&h, data, l3, ethType)
+	}
 	if err != nil {
 		return Header{}, err
 	}
-	return parseIP(data, l3, ethType)
+	return h, nil
 }
 
 // linkHeader returns the offset of the network header and its EtherType.
@@ -133,58 +137,58 @@ func linkHeader(data []byte, link LinkType) (int, uint16, error) {
 	return 0, 0, ErrLinkType
 }
 
-func parseIP(data []byte, l3 int, ethType uint16) (Header, error) {
+// The parse functions fill h in place: Header is about 70 bytes, and
+// returning it by value through each layer cost more than the parsing.
+func parseIP(h *Header, data []byte, l3 int, ethType uint16) error {
 	if len(data) < l3+1 {
-		return Header{}, ErrTruncated
+		return ErrTruncated
 	}
 	version := data[l3] >> 4
 	switch {
 	case version == 4 && (ethType == 0 || ethType == etherTypeIPv4):
-		return parseIPv4(data, l3)
+		return parseIPv4(h, data, l3)
 	case version == 6 && (ethType == 0 || ethType == etherTypeIPv6):
-		return parseIPv6(data, l3)
+		return parseIPv6(h, data, l3)
 	case ethType == 0:
-		return Header{}, ErrNotIP
+		return ErrNotIP
 	}
-	return Header{}, ErrMalformed
+	return ErrMalformed
 }
 
-func parseIPv4(data []byte, l3 int) (Header, error) {
+func parseIPv4(h *Header, data []byte, l3 int) error {
 	if len(data) < l3+20 {
-		return Header{}, ErrTruncated
+		return ErrTruncated
 	}
 	ihl := int(data[l3]&0x0f) * 4
 	if ihl < 20 {
-		return Header{}, ErrMalformed
+		return ErrMalformed
 	}
 	if data[l3+9] != ipProtoTCP {
-		return Header{}, ErrNotTCP
+		return ErrNotTCP
 	}
 	if binary.BigEndian.Uint16(data[l3+6:])&0x1fff != 0 {
-		return Header{}, ErrFragment
+		return ErrFragment
 	}
-	l4 := l3 + ihl
-	h, err := parseTCP(data, l4)
-	if err != nil {
-		return Header{}, err
+	if err := parseTCP(h, data, l3+ihl); err != nil {
+		return err
 	}
 	h.Key = MakeKey(data[l3+12:l3+16], h.srcPort(data), data[l3+16:l3+20], h.dstPort(data))
 	h.L3 = l3
-	return h, nil
+	return nil
 }
 
-func parseIPv6(data []byte, l3 int) (Header, error) {
+func parseIPv6(h *Header, data []byte, l3 int) error {
 	if len(data) < l3+40 {
-		return Header{}, ErrTruncated
+		return ErrTruncated
 	}
 	next := data[l3+6]
 	off := l3 + 40
 	for i := 0; next != ipProtoTCP; i++ {
 		if i >= maxChain {
-			return Header{}, ErrTooManyExt
+			return ErrTooManyExt
 		}
 		if len(data) < off+8 {
-			return Header{}, ErrTruncated
+			return ErrTruncated
 		}
 		switch next {
 		case ipProtoHopByHop, ipProtoRouting, ipProtoDstOpts, ipProtoMobility:
@@ -196,35 +200,35 @@ func parseIPv6(data []byte, l3 int) (Header, error) {
 		case ipProtoFragment:
 			// Only the first fragment (offset 0) carries the TCP header.
 			if binary.BigEndian.Uint16(data[off+2:])&0xfff8 != 0 {
-				return Header{}, ErrFragment
+				return ErrFragment
 			}
 			next = data[off]
 			off += 8
 		default:
 			// ESP, no-next-header, or another transport.
-			return Header{}, ErrNotTCP
+			return ErrNotTCP
 		}
 	}
-	h, err := parseTCP(data, off)
-	if err != nil {
-		return Header{}, err
+	if err := parseTCP(h, data, off); err != nil {
+		return err
 	}
 	h.Key = MakeKey(data[l3+8:l3+24], h.srcPort(data), data[l3+24:l3+40], h.dstPort(data))
 	h.L3 = l3
 	h.IPv6 = true
-	return h, nil
+	return nil
 }
 
 // parseTCP checks the TCP fixed header at l4 and fills L4 and End.
-func parseTCP(data []byte, l4 int) (Header, error) {
+func parseTCP(h *Header, data []byte, l4 int) error {
 	if len(data) < l4+20 {
-		return Header{}, ErrTruncated
+		return ErrTruncated
 	}
 	doff := int(data[l4+12]>>4) * 4
 	if doff < 20 {
-		return Header{}, ErrMalformed
+		return ErrMalformed
 	}
-	return Header{L4: l4, End: l4 + doff}, nil
+	h.L4, h.End = l4, l4+doff
+	return nil
 }
 
 func (h *Header) srcPort(data []byte) uint16 { return binary.BigEndian.Uint16(data[h.L4:]) }
