@@ -32,10 +32,13 @@ const (
 	// kernel only backs the pages the ring has used.
 	DefaultBufferSize = 32 << 20
 	// DefaultTimeout is how long libpcap waits to fill a ring block before
-	// handing over what it has. It bounds the delay from the wire to the
-	// demuxer at low packet rates and how quickly a capture notices that it
-	// should stop.
-	DefaultTimeout = 50 * time.Millisecond
+	// handing over what it has: the longest a packet waits at a low packet
+	// rate, and how long a capture takes to notice that it should stop. Each
+	// wait is a blocking cgo call, and each one wakes the Go runtime's
+	// monitor thread for a while: an idle daemon spent 31 ms of CPU a
+	// second at 50 ms, 3 ms at 500 ms (BENCHMARKS.md). 250 ms keeps the
+	// delay well under -flowtimeout and -uuidwaitduration.
+	DefaultTimeout = 250 * time.Millisecond
 	// statsInterval is how often the kernel's drop counters are read.
 	statsInterval = time.Second
 )
@@ -191,36 +194,65 @@ func (c *Interface) Close() { c.h.Close() }
 // sending them to out in batches. It closes the handle before returning. It
 // returns nil when ctx ended it, else the read error.
 //
+// When ctx is done, Run first drains what the kernel captured before then:
+// with libpcap's ring (TPACKET_V3), packets become readable only when their
+// block is handed over, at the latest one read timeout after they arrived,
+// so closing at once would lose the last packets of every flow in flight.
+// It reads on until a packet captured after the stop, or a read timeout a
+// full timeout after it; the handle is closed regardless after two
+// timeouts and a second. Sending to out blocks: the receiver must read until
+// every capture has returned.
+//
 // Each packet's header bytes are copied once, out of libpcap's ring, into
 // memory the packet then owns; nothing else is allocated per packet.
 func (c *Interface) Run(ctx context.Context, out chan<- *flow.Batch) error {
 	defer c.h.Close()
-	stop := context.AfterFunc(ctx, c.h.Close)
-	defer stop()
+	// The hard stop: once ctx is done, close the handle if draining has
+	// not ended by itself in time.
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-done:
+			return
+		}
+		t := time.NewTimer(2*c.cfg.Timeout + time.Second)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			c.h.Close()
+		case <-done:
+		}
+	}()
 
 	var b flow.Builder
 	batch := flow.GetBatch()
 	nextStats := time.Now().Add(statsInterval)
-	send := func() bool {
+	send := func() {
 		if len(batch.Packets) == 0 {
-			return true
+			return
 		}
 		c.packets.Add(float64(len(batch.Packets)))
-		select {
-		case out <- batch:
-			batch = flow.GetBatch()
-			return true
-		case <-ctx.Done():
-			return false
-		}
+		out <- batch
+		batch = flow.GetBatch()
 	}
 	defer func() { flow.PutBatch(batch) }()
 	c.cfg.Metrics.InterfacesCaptured.Inc()
 	defer c.cfg.Metrics.InterfacesCaptured.Dec()
+	var stopAt time.Time // when ctx was seen done
 	for {
 		data, ci, err := c.h.ZeroCopyReadPacketData()
+		if stopAt.IsZero() && ctx.Err() != nil {
+			stopAt = time.Now()
+		}
 		switch {
 		case err == nil:
+			if !stopAt.IsZero() && ci.Timestamp.After(stopAt) {
+				// Everything captured before the stop has been read.
+				send()
+				return nil
+			}
 			p, _, perr := b.Build(data, c.link, ci.Timestamp.UnixNano(), ci.Length)
 			if perr != nil {
 				c.badPacket(perr)
@@ -232,6 +264,10 @@ func (c *Interface) Run(ctx context.Context, out chan<- *flow.Batch) error {
 			}
 		case errors.Is(err, pcap.NextErrorTimeoutExpired):
 			// Nothing for a while: hand over what we have.
+			if !stopAt.IsZero() && time.Since(stopAt) >= c.cfg.Timeout {
+				send()
+				return nil
+			}
 		case ctx.Err() != nil || errors.Is(err, io.EOF):
 			send()
 			return nil
@@ -239,9 +275,7 @@ func (c *Interface) Run(ctx context.Context, out chan<- *flow.Batch) error {
 			send()
 			return fmt.Errorf("read from %s: %w", c.name, err)
 		}
-		if !send() {
-			return nil
-		}
+		send()
 		if now := time.Now(); now.After(nextStats) {
 			nextStats = now.Add(statsInterval)
 			c.readStats()

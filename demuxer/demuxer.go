@@ -41,9 +41,15 @@ const (
 	// survives a flood of 50,000 SYNs a second (RELIABILITY.md).
 	DefaultMaxPending = 50_000
 	// DefaultPendingPackets bounds the packets held for one pending flow.
-	// tcp-info names a flow within a poll (10 ms) of it being established;
-	// a flow in slow start sends far fewer than this in that time.
-	DefaultPendingPackets = 4096
+	// tcp-info names a flow one poll (10 ms) or more after it is
+	// established, later on a busy host: a bulk flow at 100,000 packets/s
+	// sends 4,096 packets in 40 ms, which lost the start of flows in the
+	// live benchmark. 65,536 packets hold more than half a second of it.
+	DefaultPendingPackets = 65536
+	// DefaultMaxPendingPackets bounds the packets held by all pending flows
+	// together: about 150 bytes each (the record and its header bytes), so
+	// 262,144 are about 40 MB, whatever the number of flows.
+	DefaultMaxPendingPackets = 262144
 )
 
 // Config holds the demuxer's settings.
@@ -65,6 +71,9 @@ type Config struct {
 	// PendingPackets limits the packets held per pending flow; 0 means
 	// DefaultPendingPackets.
 	PendingPackets int
+	// MaxPendingPackets limits the packets held by all pending flows; 0
+	// means DefaultMaxPendingPackets.
+	MaxPendingPackets int
 
 	Saver   *saver.Config
 	Metrics *phmetrics.Metrics
@@ -129,9 +138,11 @@ type Demuxer struct {
 	fifo     []pendingRef // pending flows, oldest first; stale refs are skipped
 	fifoHead int
 	npending int
+	npkts    int // packets held by pending flows
 	gen      uint64
 	overHeap bool
 	wg       sync.WaitGroup
+	toWake   []*saver.Saver // savers with packets queued since the last WakeSavers
 
 	missedPending prometheus.Counter
 	shedMaxFlows  prometheus.Counter
@@ -149,6 +160,9 @@ func New(cfg Config) *Demuxer {
 	}
 	if cfg.PendingPackets <= 0 {
 		cfg.PendingPackets = DefaultPendingPackets
+	}
+	if cfg.MaxPendingPackets <= 0 {
+		cfg.MaxPendingPackets = DefaultMaxPendingPackets
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
@@ -168,7 +182,7 @@ func New(cfg Config) *Demuxer {
 		droppedWait:   m.PendingDropped.WithLabelValues("uuidtimeout"),
 		droppedLimit:  m.PendingDropped.WithLabelValues("limit"),
 		uuidTimedOut:  m.SaverErrors.WithLabelValues("uuidtimedout"),
-		heapSample:    []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}},
+		heapSample:    []metrics.Sample{{Name: "/gc/heap/live:bytes"}},
 	}
 }
 
@@ -196,6 +210,7 @@ func (d *Demuxer) Run(ctx context.Context, packets <-chan *flow.Batch, events <-
 				d.Packet(b.Packets[i])
 			}
 			flow.PutBatch(b)
+			d.WakeSavers()
 		case ev := <-events:
 			d.Open(ev)
 		case <-gc.C:
@@ -210,8 +225,20 @@ func (d *Demuxer) Run(ctx context.Context, packets <-chan *flow.Batch, events <-
 	}
 }
 
+// WakeSavers wakes the savers that Packet queued packets for. Run calls it
+// after each batch; callers that drive the demuxer directly call it after
+// their packets (Flush and Open also do).
+func (d *Demuxer) WakeSavers() {
+	for i, s := range d.toWake {
+		s.Wake()
+		d.toWake[i] = nil
+	}
+	d.toWake = d.toWake[:0]
+}
+
 // Packet routes one packet. It must only be called from Run's goroutine, or
-// in place of Run (tests and offline replays drive the demuxer directly).
+// in place of Run (tests and offline replays drive the demuxer directly); the
+// packet is saved once WakeSavers is called.
 func (d *Demuxer) Packet(p flow.Packet) {
 	e, ok := d.flows[p.Key]
 	if !ok {
@@ -223,14 +250,17 @@ func (d *Demuxer) Packet(p flow.Packet) {
 	}
 	e.gen = d.gen
 	if e.saver != nil {
-		e.saver.Push(p)
+		if e.saver.Queue(p) {
+			d.toWake = append(d.toWake, e.saver)
+		}
 		return
 	}
-	if e.npending() >= d.cfg.PendingPackets {
+	if e.npending() >= d.cfg.PendingPackets || d.npkts >= d.cfg.MaxPendingPackets {
 		d.missedPending.Inc()
 		return
 	}
 	e.hold(p)
+	d.npkts++
 }
 
 // admit decides whether a new flow may enter the table.
@@ -262,6 +292,7 @@ func (d *Demuxer) newPending(k flow.Key, now int64) *entry {
 // Open names a flow. It must only be called from Run's goroutine, or in
 // place of Run.
 func (d *Demuxer) Open(ev Open) {
+	d.WakeSavers()
 	d.cfg.Metrics.DemuxerUUIDCount.Inc()
 	e, ok := d.flows[ev.Key]
 	switch {
@@ -277,6 +308,7 @@ func (d *Demuxer) Open(ev Open) {
 		d.startSaver(e, ev)
 	case e.saver == nil:
 		d.startSaver(e, ev)
+		d.npkts -= e.npending()
 		e.release(e.saver.Push)
 		d.npending--
 	case e.saver.UUID() == ev.UUID:
@@ -292,10 +324,17 @@ func (d *Demuxer) Open(ev Open) {
 }
 
 func (d *Demuxer) startSaver(e *entry, ev Open) {
-	log := d.cfg.Log.With("uuid", ev.UUID, "flow", d.cfg.LogKey(ev.Key))
-	e.saver = saver.New(d.cfg.Saver, ev.UUID, ev.Time, log)
+	e.saver = saver.New(d.cfg.Saver, ev.UUID, ev.Time, flowLog{ev.Key, d.cfg.LogKey})
 	d.wg.Go(e.saver.Run)
 }
+
+// flowLog formats a flow for a log line only when the line is logged.
+type flowLog struct {
+	k      flow.Key
+	format func(flow.Key) string
+}
+
+func (f flowLog) LogValue() slog.Value { return slog.StringValue(f.format(f.k)) }
 
 // GC ends flows without packets since the previous call: their savers
 // publish. Run calls it every FlowTimeout, so a flow is ended after one to two
@@ -371,6 +410,7 @@ func (d *Demuxer) dropPending(e *entry, reason prometheus.Counter) {
 		d.uuidTimedOut.Inc()
 	}
 	d.cfg.Metrics.DemuxerIgnored.Add(float64(e.npending()))
+	d.npkts -= e.npending()
 	e.release(nil)
 	d.npending--
 }
@@ -385,8 +425,10 @@ func (d *Demuxer) compactFIFO() {
 	}
 }
 
-// checkHeap samples the heap for the -maxheap limit. Reading one runtime
-// metric is cheap (no stop-the-world, unlike runtime.ReadMemStats).
+// checkHeap samples the heap for the -maxheap limit: the live heap as of the
+// last garbage collection, which, unlike the heap in use, does not swing
+// with garbage not yet collected. Reading one runtime metric is cheap (no
+// stop-the-world, unlike runtime.ReadMemStats).
 func (d *Demuxer) checkHeap() {
 	if d.cfg.MaxHeap == 0 {
 		return
@@ -405,6 +447,7 @@ func (d *Demuxer) gauges() {
 func (d *Demuxer) Flush() { d.shutdown() }
 
 func (d *Demuxer) shutdown() {
+	d.WakeSavers()
 	for k, e := range d.flows {
 		if e.saver != nil {
 			e.saver.Close()

@@ -338,3 +338,26 @@ func TestShutdownWaitsForSavers(t *testing.T) {
 		t.Errorf("savers started %v stopped %v, want 3 3", a, b)
 	}
 }
+
+func TestPendingPacketsBoundedOverall(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := newHarness(t, func(c *Config) { c.MaxPendingPackets = 4 })
+		v4, v6 := readPackets(t, "v4.pcap"), readPackets(t, "v6.pcap")
+		h.send(v4[:3]...)
+		h.send(v6[:3]...) // only one fits in the overall budget
+		h.open(v6[0].Key, "v6")
+		h.open(v4[0].Key, "v4")
+		h.send(v6[3:]...)
+		h.stop()
+		if got := h.count("v4"); got != 3 {
+			t.Errorf("v4 file has %d packets, want 3", got)
+		}
+		// v6 got 1 pending packet, then everything after its UUID.
+		if got, want := h.count("v6"), 1+len(v6)-3; got != want {
+			t.Errorf("v6 file has %d packets, want %d", got, want)
+		}
+		if n := testutil.ToFloat64(h.m.MissedPackets.WithLabelValues("pending")); n != 2 {
+			t.Errorf("missed{pending} = %v, want 2", n)
+		}
+	})
+}

@@ -62,6 +62,7 @@ func replayFile(t *testing.T, name string, dir string) map[string]string {
 			files[u] = saver.DatePath(dir, u, ts)
 		}
 		d.Packet(p.Packet)
+		d.WakeSavers()
 	}
 	d.Flush()
 	return files

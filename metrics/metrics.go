@@ -79,7 +79,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		}, []string{"state"}),
 		SaverSkipped: f.NewCounter(prometheus.CounterOpts{
 			Name: "pcap_saver_skipped_total",
-			Help: "Flows not given a saver because of load shedding (-maxflows, -maxheap).",
+			Help: "Packets and UUID events of new flows refused by load shedding (-maxflows, -maxheap); a refused flow is not remembered, so each of its packets counts.",
 		}),
 		DemuxerBadPacket: f.NewCounter(prometheus.CounterOpts{
 			Name: "pcap_demuxer_bad_packets_total",
@@ -153,7 +153,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		}, []string{"reason"}),
 		FlowsShed: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "pcap_demuxer_flows_shed_total",
-			Help: "New flows refused because of a load limit, by limit (maxflows, maxheap, maxpending).",
+			Help: "Packets of new flows refused by a load limit, by limit (maxflows, maxheap); each packet of a refused flow counts.",
 		}, []string{"limit"}),
 		EventsocketUp: f.NewGauge(prometheus.GaugeOpts{
 			Name: "pcap_eventsocket_connected",

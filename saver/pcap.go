@@ -36,11 +36,13 @@ const (
 	// window is deflate's back-reference window: the dictionary a chunk is
 	// compressed with is the last window bytes of the chunks before it.
 	window = 32 << 10
-	// level: on a 1.5 MB NDT flow (testdata/production), klauspost's level 5
-	// gives 354 KB, as small as zlib's gzip -1 and the original daemon's file
-	// (level 1 gives 397 KB, level 7 344 KB), at 100+ MB/s: a 300,000
-	// packet/s capture is about 20 MB/s of headers.
-	level = 5
+	// DefaultLevel is the default compression level. On a 1.5 MB NDT flow
+	// (testdata/production) klauspost's level 1 gives 396 KB and level 5
+	// 354 KB (as small as the original's files), but level 5 costs about
+	// twice the CPU per packet (800 against 420 ns in BenchmarkSaver), and at
+	// 300,000 packets/s compression is most of the daemon's work
+	// (BENCHMARKS.md). -gziplevel trades one for the other.
+	DefaultLevel = 1
 )
 
 // deflaters are pooled: a deflate compressor holds about 1 MB of tables (the
@@ -48,13 +50,19 @@ const (
 // but a saver needs one only while it compresses a chunk. Carrying the last
 // window of data as a dictionary into the next chunk gives the same ratio as
 // one compressor kept for the whole flow.
-var deflaters = sync.Pool{New: func() any {
+var deflaters [flate.BestCompression + 1]sync.Pool
+
+// getDeflater returns a pooled compressor of the given level (1 to 9).
+func getDeflater(level int) *flate.Writer {
+	if w, ok := deflaters[level].Get().(*flate.Writer); ok {
+		return w
+	}
 	w, err := flate.NewWriter(io.Discard, level)
 	if err != nil {
-		panic(err) // level is a valid constant
+		panic(err) // Config.Init keeps level within 1 to 9
 	}
 	return w
-}}
+}
 
 // scratches are the buffers chunks are compressed into.
 var scratches = sync.Pool{New: func() any { return new(bytes.Buffer) }}
@@ -71,6 +79,7 @@ var scratches = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 // A pcapWriter is not safe for concurrent use.
 type pcapWriter struct {
 	snaplen int
+	level   int
 	chunk   []byte
 	dict    []byte // the last window bytes compressed
 	crc     uint32
@@ -103,12 +112,12 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 var gzipHeader = [10]byte{0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3}
 
 // newPCAPWriter starts a pcap stream with the given snaplen.
-func newPCAPWriter(out io.Writer, snaplen int) (*pcapWriter, error) {
+func newPCAPWriter(out io.Writer, snaplen, level int) (*pcapWriter, error) {
 	cw := &countingWriter{w: out}
 	if _, err := cw.Write(gzipHeader[:]); err != nil {
 		return nil, err
 	}
-	w := &pcapWriter{snaplen: snaplen, out: cw, chunk: make([]byte, 0, 1024)}
+	w := &pcapWriter{snaplen: snaplen, level: level, out: cw, chunk: make([]byte, 0, 1024)}
 	var h [fileHeaderLen]byte
 	binary.LittleEndian.PutUint32(h[0:], pcapMagicNanos)
 	binary.LittleEndian.PutUint16(h[4:], pcapVersionMajor)
@@ -153,14 +162,14 @@ func (w *pcapWriter) flush() error {
 	// be a system call on a streamed file.
 	scratch := scratches.Get().(*bytes.Buffer)
 	scratch.Reset()
-	fw := deflaters.Get().(*flate.Writer)
+	fw := getDeflater(w.level)
 	fw.ResetDict(scratch, w.dict)
 	_, err := fw.Write(w.chunk)
 	if err == nil {
 		err = fw.Flush()
 	}
 	fw.Reset(io.Discard) // let go of the buffer and the dictionary
-	deflaters.Put(fw)
+	deflaters[w.level].Put(fw)
 	if err == nil {
 		_, err = w.out.Write(scratch.Bytes())
 	}

@@ -56,8 +56,10 @@ type Config struct {
 	Anon Anonymizer
 	// MaxBacklog bounds each saver's queue; 0 means DefaultMaxBacklog.
 	MaxBacklog int
-	Metrics    *metrics.Metrics
-	Log        *slog.Logger
+	// Level is the gzip compression level, 1 to 9; 0 means DefaultLevel.
+	Level   int
+	Metrics *metrics.Metrics
+	Log     *slog.Logger
 
 	once    sync.Once
 	missed  [numStates]prometheus.Counter
@@ -75,6 +77,9 @@ func (c *Config) Init() {
 		if c.MaxBacklog <= 0 {
 			c.MaxBacklog = DefaultMaxBacklog
 		}
+		if c.Level < 1 || c.Level > 9 {
+			c.Level = DefaultLevel
+		}
 		if c.Log == nil {
 			c.Log = slog.New(slog.DiscardHandler)
 		}
@@ -90,13 +95,13 @@ func (c *Config) Init() {
 
 // logError logs at most one saver error a second across all savers: when the
 // disk is full every flow fails, and the counters say how many.
-func (c *Config) logError(log *slog.Logger, msg string, err error) {
+func (c *Config) logError(s *Saver, msg string, err error) {
 	now := time.Now().UnixNano()
 	last := c.lastLog.Load()
 	if now-last < int64(time.Second) || !c.lastLog.CompareAndSwap(last, now) {
 		return
 	}
-	log.Error(msg, "err", err)
+	c.Log.Error(msg, "uuid", s.uuid, "flow", s.flow, "err", err)
 }
 
 // Saver saves one flow. Push and Close are called by one goroutine (the
@@ -106,7 +111,10 @@ type Saver struct {
 	cfg    *Config
 	uuid   string
 	opened time.Time
-	log    *slog.Logger
+	// flow describes the flow in logs. It is a LogValuer so that the
+	// addresses are formatted (and anonymized) only when a line is
+	// logged, not for every flow.
+	flow slog.LogValuer
 
 	mu     sync.Mutex
 	queue  []flow.Packet // packets pushed and not yet taken by Run
@@ -129,23 +137,27 @@ type Saver struct {
 }
 
 // New creates the saver of the flow named uuid, whose Open event has the
-// timestamp opened (it dates the file's directory). Start it with
-// go s.Run().
-func New(cfg *Config, uuid string, opened time.Time, log *slog.Logger) *Saver {
+// timestamp opened (it dates the file's directory); flow, if not nil,
+// describes the flow in its log lines. Start it with go s.Run().
+func New(cfg *Config, uuid string, opened time.Time, flow slog.LogValuer) *Saver {
 	cfg.Init()
-	if log == nil {
-		log = cfg.Log
+	if flow == nil {
+		flow = noFlow{}
 	}
 	s := &Saver{
 		cfg:    cfg,
 		uuid:   uuid,
 		opened: opened,
-		log:    log,
+		flow:   flow,
 		wake:   make(chan struct{}, 1),
 	}
 	cfg.gauges[NotStarted].Inc()
 	return s
 }
+
+type noFlow struct{}
+
+func (noFlow) LogValue() slog.Value { return slog.StringValue("") }
 
 // UUID returns the flow's UUID.
 func (s *Saver) UUID() string { return s.uuid }
@@ -175,22 +187,33 @@ func (s *Saver) setState(n State) {
 // dropped silently (it is past the capture duration), and when the backlog is
 // full it is dropped and counted in pcap_missed_packets_total.
 func (s *Saver) Push(p flow.Packet) {
+	if s.Queue(p) {
+		s.Wake()
+	}
+}
+
+// Queue is Push without waking the saver: it reports whether the saver must
+// be woken (with Wake) for the packet to be saved. The demuxer queues a
+// whole batch of packets and then wakes each saver it touched once, instead
+// of switching to a saver's goroutine for every packet.
+func (s *Saver) Queue(p flow.Packet) (wake bool) {
 	if s.discarding.Load() {
-		return
+		return false
 	}
 	s.mu.Lock()
 	if s.closed || len(s.queue) >= s.cfg.MaxBacklog {
 		s.mu.Unlock()
 		s.cfg.missed[s.State()].Inc()
-		return
+		return false
 	}
 	s.queue = append(s.queue, p)
 	first := len(s.queue) == 1
 	s.mu.Unlock()
-	if first {
-		s.signal()
-	}
+	return first
 }
+
+// Wake wakes the saver to save what Queue queued.
+func (s *Saver) Wake() { s.signal() }
 
 func (s *Saver) signal() {
 	select {
@@ -315,7 +338,7 @@ func (s *Saver) start(p *flow.Packet) error {
 		s.buf = new(bytes.Buffer)
 		out = s.buf
 	}
-	w, err := newPCAPWriter(out, int(p.L4)+maxTCPHeader)
+	w, err := newPCAPWriter(out, int(p.L4)+maxTCPHeader, s.cfg.Level)
 	if err != nil {
 		s.fail(WriteError, "start pcap file", err)
 		return err
@@ -398,7 +421,7 @@ func (s *Saver) finish() {
 	m.BytesWritten.Add(float64(s.w.out.n))
 	m.PacketsSaved.Add(float64(s.w.records))
 	s.setState(Discarding)
-	s.log.Debug("published", "path", path, "packets", s.w.records, "bytes", s.w.out.n)
+	s.cfg.Log.Debug("published", "uuid", s.uuid, "flow", s.flow, "path", path, "packets", s.w.records, "bytes", s.w.out.n)
 }
 
 // fail ends the saver's work on an error: the flow's file, if any, is closed
@@ -413,6 +436,6 @@ func (s *Saver) fail(st State, msg string, err error) {
 	s.setState(st)
 	s.cfg.errs[st].Inc()
 	if err != nil {
-		s.cfg.logError(s.log, msg, err)
+		s.cfg.logError(s, msg, err)
 	}
 }

@@ -2,6 +2,7 @@ package tcpeventsocket
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -50,6 +51,13 @@ type Handler interface {
 // Handler, reconnecting whenever the socket is missing or the connection
 // ends. Create it with New; Run it once.
 type Client struct {
+	// SkipClose, set before Run, counts Close events without decoding
+	// them or passing them on, for handlers that have no use for them:
+	// tcp-info sends one per flow, and decoding it is about as costly as
+	// decoding the Open. tcp-info writes the Event field first, so a Close
+	// is recognised by its first bytes.
+	SkipClose bool
+
 	path      string
 	h         Handler
 	m         *metrics.Metrics
@@ -177,6 +185,14 @@ func (c *Client) serve(ctx context.Context, conn net.Conn) (healthy bool, err er
 		case err != nil && len(line) == 0:
 			return healthy, endErr(err)
 		}
+		if c.SkipClose && bytes.HasPrefix(line, closePrefix) {
+			c.m.EventsReceived.WithLabelValues(Close.String()).Inc()
+			healthy = true
+			if err != nil {
+				return healthy, endErr(err)
+			}
+			continue
+		}
 		// A last line cut short by the end of the connection is parsed as
 		// well: if it is incomplete it fails as bad JSON and is counted.
 		ev, perr := ParseLine(line)
@@ -192,6 +208,9 @@ func (c *Client) serve(ctx context.Context, conn net.Conn) (healthy bool, err er
 		}
 	}
 }
+
+// closePrefix starts every Close event tcp-info writes.
+var closePrefix = []byte(`{"Event":1,`)
 
 // skipLine discards input up to and including the next newline, one buffer
 // at a time, so that an oversize line never sits in memory whole.

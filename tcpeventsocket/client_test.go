@@ -1,7 +1,9 @@
 package tcpeventsocket
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
@@ -15,6 +17,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/m-lab/tcp-info/eventsocket"
 
 	"github.com/m-lab/packet-headers/metrics"
 )
@@ -452,5 +456,35 @@ func TestClientManyReconnects(t *testing.T) {
 	}
 	if got := tc.log.count("connected to eventsocket"); got != n+1 {
 		t.Errorf("logged %d connects, want %d", got, n+1)
+	}
+}
+
+// TestClientSkipClose: with SkipClose, Close events (recognised by the first
+// bytes tcp-info's encoding gives them) are counted but not decoded or
+// passed on; Opens still are.
+func TestClientSkipClose(t *testing.T) {
+	checkGoroutines(t)
+	path := sockPath(t)
+	ln := listen(t, path)
+	closeLine, err := json.Marshal(eventsocket.FlowEvent{Event: eventsocket.Close, Timestamp: time.Now(), UUID: "h_2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.HasPrefix(closeLine, closePrefix) {
+		t.Fatalf("tcp-info's Close encodes as %s, not starting with %s", closeLine, closePrefix)
+	}
+	tc := &testClient{events: make(chanHandler, 100), log: newRecLog(), m: metrics.New(prometheus.NewRegistry()), done: make(chan error, 1)}
+	tc.Client = New(path, tc.events, tc.m, slog.New(tc.log))
+	tc.SkipClose = true
+	ctx, cancel := context.WithCancel(context.Background())
+	tc.cancel = cancel
+	go func() { tc.done <- tc.Run(ctx) }()
+	t.Cleanup(func() { tc.stop(t) })
+	c := accept(t, ln)
+	defer c.Close()
+	send(t, c, open("h_1"), string(closeLine)+"\n", open("h_3"))
+	tc.expectUUIDs(t, "h_1", "h_3")
+	if got := toFloat64(t, tc.m.EventsReceived.WithLabelValues("close")); got != 1 {
+		t.Errorf("close events counted %v, want 1", got)
 	}
 }

@@ -112,6 +112,8 @@ func TestBadInput(t *testing.T) {
 		{[]string{"-maxheadersize=20"}, nil, "-maxheadersize=20"},
 		{[]string{"-maxflows=-1"}, nil, "-maxflows=-1"},
 		{[]string{"-maxpending=0"}, nil, "-maxpending=0"},
+		{[]string{"-gziplevel=0"}, nil, "-gziplevel=0"},
+		{[]string{"-gziplevel=10"}, nil, "-gziplevel=10"},
 		{[]string{"-sigtermwait=-1s"}, nil, "-sigtermwait"},
 		{[]string{"-anonymize.ip=sha256"}, nil, "anonymize.ip"},
 		{[]string{"-maxidleram=lots"}, nil, "-maxidleram"},

@@ -161,6 +161,7 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 			Dir:             dir,
 			CaptureDuration: cfg.CaptureDuration,
 			Stream:          cfg.Stream,
+			Level:           cfg.GzipLevel,
 			Anon:            anon,
 			Metrics:         d.m,
 			Log:             log,
@@ -203,7 +204,9 @@ func (d *daemon) stopCaptures() {
 
 func (d *daemon) newUUIDSource() (uuidSource, error) {
 	if d.cfg.EventSocket != "" {
-		return tcpeventsocket.New(d.cfg.EventSocket, eventHandler{d.events}, d.m, d.log), nil
+		c := tcpeventsocket.New(d.cfg.EventSocket, eventHandler{d.events}, d.m, d.log)
+		c.SkipClose = true // flows end by going idle or by -captureduration
+		return c, nil
 	}
 	src, err := kernelsource.New(kernelsource.Config{
 		PrefixFile: d.cfg.UUIDPrefixFile,
