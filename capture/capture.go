@@ -28,9 +28,11 @@ const (
 	// default is 2 MiB, about 7,000 packets of 300 bytes (snaplen 256 plus
 	// the ring's per-packet overhead): 25 ms at 300,000 packets/s, less than
 	// one scheduling hiccup of a busy two-core host, so the original lost
-	// packets in bursts. 32 MiB holds about 400 ms of such a burst; the
-	// kernel only backs the pages the ring has used.
-	DefaultBufferSize = 32 << 20
+	// packets in bursts. Measured with the live benchmark (4 bulk streams,
+	// about 280,000 packets/s on 2 cores, BENCHMARKS.md): 32 MiB still
+	// dropped 41,000-110,000 packets a run, 64 MiB and 128 MiB none. The
+	// kernel backs only the pages the ring has used.
+	DefaultBufferSize = 64 << 20
 	// DefaultTimeout is how long libpcap waits to fill a ring block before
 	// handing over what it has: the longest a packet waits at a low packet
 	// rate, and how long a capture takes to notice that it should stop. Each
