@@ -245,25 +245,34 @@ func (s *Source) Run(ctx context.Context) error {
 	if ctx.Err() != nil {
 		return nil
 	}
-	tick := time.NewTicker(s.cfg.Interval)
+	// The next poll starts Interval after the previous one started, or, if
+	// the dump took longer than Interval (about 12 ms with 10,000 sockets,
+	// BENCHMARKS.md), as long after it ended as it took: polling then costs
+	// at most half a CPU instead of all of it, and flows too short for the
+	// slower polls are still named by destroy notifications.
+	tick := time.NewTimer(s.pollWait(s.poll(ctx)))
 	defer tick.Stop()
-	s.poll(ctx)
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-tick.C:
-			s.poll(ctx)
+			tick.Reset(s.pollWait(s.poll(ctx)))
 		case d := <-destroyed:
 			s.destroyed(ctx, d)
 		}
 	}
 }
 
+// pollWait is how long to wait after a poll that took d.
+func (s *Source) pollWait(d time.Duration) time.Duration {
+	return max(s.cfg.Interval-d, d)
+}
+
 // poll dumps the sockets of both families and sends the Opens of the new
-// ones. Like tcp-info, it dumps IPv6 first and dates each family's Opens
-// with the time its dump completed.
-func (s *Source) poll(ctx context.Context) {
+// ones, and returns how long the dump took. Like tcp-info, it dumps IPv6
+// first and dates each family's Opens with the time its dump completed.
+func (s *Source) poll(ctx context.Context) time.Duration {
 	start := time.Now()
 	var err error
 	for _, family := range [...]uint8{unix.AF_INET6, unix.AF_INET} {
@@ -277,7 +286,8 @@ func (s *Source) poll(ctx context.Context) {
 		}
 	}
 	now := time.Now()
-	s.pollDur.Observe(now.Sub(start).Seconds())
+	took := now.Sub(start)
+	s.pollDur.Observe(took.Seconds())
 	switch {
 	case err != nil:
 		// The cookies stay known: a failed dump says nothing of which
@@ -298,6 +308,7 @@ func (s *Source) poll(ctx context.Context) {
 	}
 	clear(s.opens) // drop the UUID strings
 	s.opens = s.opens[:0]
+	return took
 }
 
 // consider takes one socket of a dump. Only a new cookie costs more than a
