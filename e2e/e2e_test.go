@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/m-lab/packet-headers/flow"
+	"github.com/m-lab/packet-headers/internal/netns"
 	"github.com/m-lab/packet-headers/internal/replay"
 )
 
@@ -42,7 +43,7 @@ type echoServer struct {
 func startEchoServer(t *testing.T, tp *topology, respLen int) *echoServer {
 	s := &echoServer{respLen: respLen, cookies: map[string]uint64{}}
 	s.accepted = sync.NewCond(&s.mu)
-	err := inNS(tp.serverNS, func() error {
+	err := netns.Run(tp.serverNS, func() error {
 		var err error
 		if s.ln4, err = net.Listen("tcp4", serverV4+":0"); err != nil {
 			return err
@@ -70,7 +71,7 @@ func (s *echoServer) serve(ln net.Listener) {
 		if err != nil {
 			return
 		}
-		cookie, err := cookieOf(c)
+		cookie, err := netns.Cookie(c)
 		if err == nil {
 			s.mu.Lock()
 			s.cookies[c.RemoteAddr().String()] = cookie
@@ -121,7 +122,7 @@ type conn struct {
 // dial connects from the client namespace to addr.
 func dial(t *testing.T, tp *topology, addr string) net.Conn {
 	var c net.Conn
-	err := inNS(tp.clientNS, func() error {
+	err := netns.Run(tp.clientNS, func() error {
 		var err error
 		c, err = net.DialTimeout("tcp", addr, 5*time.Second)
 		return err
@@ -301,7 +302,7 @@ func (e *env) scrape() ([]byte, error) { return e.scrapeAt("127.0.0.1:9991") }
 // scrapeAt reads /metrics at addr in the server namespace.
 func (e *env) scrapeAt(addr string) ([]byte, error) {
 	var c net.Conn
-	err := inNS(e.tp.serverNS, func() error {
+	err := netns.Run(e.tp.serverNS, func() error {
 		var err error
 		c, err = net.DialTimeout("tcp", addr, 5*time.Second)
 		return err

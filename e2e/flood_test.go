@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/m-lab/packet-headers/internal/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -43,7 +44,7 @@ func newSYNFlooder(t *testing.T, tp *topology, dstPort uint16) *synFlooder {
 		t.Fatal(err)
 	}
 	f := &synFlooder{rng: rand.New(rand.NewPCG(1, 2))}
-	err = inNS(tp.clientNS, func() error {
+	err = netns.Run(tp.clientNS, func() error {
 		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, 0)
 		if err != nil {
 			return err
@@ -79,7 +80,7 @@ func newSYNFlooder(t *testing.T, tp *topology, dstPort uint16) *synFlooder {
 // interfaceIn looks up an interface inside a namespace.
 func interfaceIn(ns *os.File, name string) (*net.Interface, error) {
 	var ifc *net.Interface
-	err := inNS(ns, func() error {
+	err := netns.Run(ns, func() error {
 		var err error
 		ifc, err = net.InterfaceByName(name)
 		return err

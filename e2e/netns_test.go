@@ -7,18 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Addresses of the test topology: the server (where the daemon and tcp-info
@@ -100,36 +96,6 @@ func newTopology(t testing.TB) *topology {
 	}
 	t.Cleanup(func() { tp.clientNS.Close() })
 	return tp
-}
-
-// inNS runs fn on an OS thread switched into the namespace ns. Sockets
-// created in fn belong to ns for their whole life, whichever thread uses
-// them later.
-func inNS(ns *os.File, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("setns: %w", err)
-			return
-		}
-		ferr := fn()
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-			// Leave the thread locked: it dies with this goroutine
-			// rather than run other goroutines in the wrong namespace.
-			errc <- errors.Join(ferr, fmt.Errorf("setns back: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
 }
 
 // proc is a process the test started in a namespace; it is stopped by PID
@@ -288,21 +254,6 @@ func binaries(t testing.TB) (daemon, tcpinfo string) {
 		t.Fatal(buildErr)
 	}
 	return filepath.Join(binDir, "packet-headers"), filepath.Join(binDir, "tcp-info")
-}
-
-// cookieOf returns the kernel's socket cookie of a connection: the UUID
-// tcp-info gives the socket is <prefix>_<%016X cookie>.
-func cookieOf(c net.Conn) (uint64, error) {
-	sc, err := c.(syscall.Conn).SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var cookie uint64
-	var gerr error
-	err = sc.Control(func(fd uintptr) {
-		cookie, gerr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE)
-	})
-	return cookie, errors.Join(err, gerr)
 }
 
 // scanLines is bufio.ScanLines over a string.

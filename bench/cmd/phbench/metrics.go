@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"github.com/m-lab/packet-headers/internal/netns"
 	"io"
 	"net"
 	"net/http"
@@ -20,7 +21,7 @@ import (
 // runs over it.
 func scrape(ns *os.File, addr string) (samples, error) {
 	var c net.Conn
-	err := inNS(ns, func() error {
+	err := netns.Run(ns, func() error {
 		var err error
 		c, err = net.DialTimeout("tcp", addr, 5*time.Second)
 		return err

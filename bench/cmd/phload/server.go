@@ -11,10 +11,9 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/m-lab/packet-headers/internal/netns"
 )
 
 // Flow is one connection the server accepted, as phbench reads it from the
@@ -127,7 +126,7 @@ func (s *server) accept(ln net.Listener) {
 			time.Sleep(10 * time.Millisecond) // back off as net/http does on temporary errors
 			continue
 		}
-		cookie, err := cookieOf(c)
+		cookie, err := netns.Cookie(c)
 		s.mu.Lock()
 		if err != nil {
 			s.errs++
@@ -173,18 +172,4 @@ func (s *server) fail() {
 	s.mu.Lock()
 	s.errs++
 	s.mu.Unlock()
-}
-
-// cookieOf returns the kernel's socket cookie of a connection.
-func cookieOf(c net.Conn) (uint64, error) {
-	sc, err := c.(syscall.Conn).SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var cookie uint64
-	var gerr error
-	err = sc.Control(func(fd uintptr) {
-		cookie, gerr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE)
-	})
-	return cookie, errors.Join(err, gerr)
 }
