@@ -162,9 +162,6 @@ func (noFlow) LogValue() slog.Value { return slog.StringValue("") }
 // UUID returns the flow's UUID.
 func (s *Saver) UUID() string { return s.uuid }
 
-// Path returns the file's final path.
-func (s *Saver) Path() string { return DatePath(s.cfg.Dir, s.uuid, s.opened) }
-
 // State returns the saver's current state.
 func (s *Saver) State() State { return State(s.state.Load()) }
 
