@@ -32,14 +32,15 @@ type Open struct {
 // Defaults for the limits that have no flag of the original's.
 const (
 	// DefaultMaxPending bounds the flows waiting for a UUID. A pending flow
-	// costs about 400 bytes of heap (its table entry with one packet, its
+	// costs about 360 bytes of heap (its table entry with one packet, its
 	// header bytes, its place in the expiry queue), twice that counting
-	// the garbage collector's headroom, so 50,000 of them are about 40 MB:
-	// room for 10,000 new flows a second with a five-second UUID wait
+	// the garbage collector's headroom, so 25,000 of them are about 18 MB:
+	// room for 5,000 new flows a second with a five-second UUID wait
 	// (measurement hosts see hundreds). A SYN flood beyond that evicts the
 	// oldest pending flows, so a real flow, named within milliseconds,
-	// survives a flood of 50,000 SYNs a second (RELIABILITY.md).
-	DefaultMaxPending = 50_000
+	// survives a flood of 50,000 SYNs a second, and the daemon's peak RSS
+	// stays near 120 MB, 64 MiB of it the capture ring (RELIABILITY.md).
+	DefaultMaxPending = 25_000
 	// DefaultPendingPackets bounds the packets held for one pending flow.
 	// tcp-info names a flow one poll (10 ms) or more after it is
 	// established, later on a busy host: a bulk flow at 100,000 packets/s
@@ -89,7 +90,8 @@ type entry struct {
 	saver *saver.Saver
 	// The pending packets: first, then more. Most pending flows hold one
 	// packet (a SYN, or a SYN flood's spoofed SYN), so it is stored inline,
-	// saving an allocation and a slice per pending flow.
+	// saving an allocation and a slice per pending flow. first.Key is the
+	// flow's key while it is pending, also when it holds no packet.
 	first flow.Packet
 	more  []flow.Packet
 	gen   uint64 // the GC generation in which the flow last had a packet
@@ -105,7 +107,7 @@ func (e *entry) npending() int {
 
 func (e *entry) hold(p flow.Packet) {
 	if e.first.Data == nil {
-		e.first = p
+		e.first = p // p.Key is already first.Key
 		return
 	}
 	e.more = append(e.more, p)
@@ -119,24 +121,16 @@ func (e *entry) release(fn func(flow.Packet)) {
 			fn(p)
 		}
 	}
-	e.first = flow.Packet{}
+	e.first = flow.Packet{Key: e.first.Key}
 	clear(e.more)
 	e.more = nil
-}
-
-// pendingRef is a pending flow in the order flows became pending.
-type pendingRef struct {
-	key      flow.Key
-	e        *entry
-	deadline int64 // unix ns
 }
 
 // Demuxer is the flow table. Create it with New and run it with Run.
 type Demuxer struct {
 	cfg      Config
 	flows    map[flow.Key]*entry
-	fifo     []pendingRef // pending flows, oldest first; stale refs are skipped
-	fifoHead int
+	fifo     refQueue // pending flows, oldest first; stale refs are skipped
 	npending int
 	npkts    int // packets held by pending flows
 	gen      uint64
@@ -281,9 +275,9 @@ func (d *Demuxer) newPending(k flow.Key, now int64) *entry {
 	if d.npending >= d.cfg.MaxPending {
 		d.evictOldestPending()
 	}
-	e := &entry{}
+	e := &entry{first: flow.Packet{Key: k}}
 	d.flows[k] = e
-	d.fifo = append(d.fifo, pendingRef{key: k, e: e, deadline: now + int64(d.cfg.UUIDWait)})
+	d.fifo.push(pendingRef{e: e, deadline: now + int64(d.cfg.UUIDWait)})
 	d.npending++
 	d.gauges()
 	return e
@@ -361,8 +355,8 @@ func (d *Demuxer) GC() {
 
 // expirePending drops the flows that have waited UUIDWait for their UUID.
 func (d *Demuxer) expirePending(now int64) {
-	for d.fifoHead < len(d.fifo) {
-		r := d.fifo[d.fifoHead]
+	for d.fifo.len() > 0 {
+		r := d.fifo.front()
 		if d.isPending(r) && r.deadline > now {
 			break
 		}
@@ -373,10 +367,10 @@ func (d *Demuxer) expirePending(now int64) {
 }
 
 func (d *Demuxer) evictOldestPending() {
-	for d.fifoHead < len(d.fifo) {
+	for d.fifo.len() > 0 {
 		// Stale refs (flows named or collected since) are skipped; the
 		// first live one is dropped.
-		live := d.isPending(d.fifo[d.fifoHead])
+		live := d.isPending(d.fifo.front())
 		d.popPending(d.droppedLimit)
 		if live {
 			return
@@ -387,18 +381,20 @@ func (d *Demuxer) evictOldestPending() {
 // isPending reports whether a FIFO ref still denotes a pending flow in the
 // table (the flow may have been named or collected since).
 func (d *Demuxer) isPending(r pendingRef) bool {
-	e, ok := d.flows[r.key]
-	return ok && e == r.e && e.saver == nil
+	if r.e.saver != nil {
+		return false
+	}
+	e, ok := d.flows[r.e.first.Key]
+	return ok && e == r.e
 }
 
 // popPending removes the oldest FIFO ref, dropping its flow if still pending.
 func (d *Demuxer) popPending(reason prometheus.Counter) {
-	r := d.fifo[d.fifoHead]
-	d.fifo[d.fifoHead] = pendingRef{}
-	d.fifoHead++
+	r := d.fifo.front()
+	d.fifo.pop()
 	if d.isPending(r) {
 		d.dropPending(r.e, reason)
-		delete(d.flows, r.key)
+		delete(d.flows, r.e.first.Key)
 	}
 }
 
@@ -415,15 +411,8 @@ func (d *Demuxer) dropPending(e *entry, reason prometheus.Counter) {
 	d.npending--
 }
 
-// compactFIFO reclaims the FIFO's consumed head once it is most of the slice.
-func (d *Demuxer) compactFIFO() {
-	if d.fifoHead > 1024 && d.fifoHead*2 > len(d.fifo) {
-		n := copy(d.fifo, d.fifo[d.fifoHead:])
-		clear(d.fifo[n:])
-		d.fifo = d.fifo[:n]
-		d.fifoHead = 0
-	}
-}
+// compactFIFO returns the FIFO's memory after a flood.
+func (d *Demuxer) compactFIFO() { d.fifo.shrink() }
 
 // checkHeap samples the heap for the -maxheap limit: the live heap as of the
 // last garbage collection, which, unlike the heap in use, does not swing
@@ -456,7 +445,7 @@ func (d *Demuxer) shutdown() {
 		}
 		delete(d.flows, k)
 	}
-	d.fifo, d.fifoHead = nil, 0
+	d.fifo.reset()
 	d.gauges()
 	d.wg.Wait()
 }

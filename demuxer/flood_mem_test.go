@@ -62,8 +62,8 @@ func TestSYNFloodMemoryBounded(t *testing.T) {
 	}
 	perFlow := float64(after.HeapInuse-before.HeapInuse) / DefaultMaxPending
 	t.Logf("heap in use per pending flow: %.0f bytes", perFlow)
-	if perFlow > 800 {
-		t.Errorf("a pending flow costs %.0f bytes of heap, want at most 800", perFlow)
+	if perFlow > 450 {
+		t.Errorf("a pending flow costs %.0f bytes of heap, want at most 450", perFlow)
 	}
 	// A flow named during the flood still gets its packets.
 	v4 := readPackets(t, "v4.pcap")
@@ -104,7 +104,7 @@ func TestEvictionKeepsYoungerPending(t *testing.T) {
 // new flows are shed and counted, the heap stays near the budget, and
 // nothing crashes.
 func TestMaxHeapSheds(t *testing.T) {
-	const budget = 48 << 20
+	const budget = 24 << 20
 	m := metrics.New(prometheus.NewRegistry())
 	d := New(Config{
 		FlowTimeout: time.Hour, UUIDWait: time.Hour,

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/binary"
+	"errors"
 	"flag"
 	"fmt"
 	"math/rand/v2"
@@ -12,6 +13,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gopacket/gopacket"
+	"github.com/gopacket/gopacket/layers"
 
 	"github.com/m-lab/packet-headers/internal/netns"
 	"golang.org/x/sys/unix"
@@ -26,12 +30,15 @@ const (
 	floodNet = "198.18.128.0/17"
 )
 
-// synFlooder writes spoofed-source SYNs to the client's veth through a raw
-// packet socket made in the client namespace.
+// synFlooder writes spoofed-source SYNs, crafted with gopacket, to the
+// client's veth through a raw packet socket made in the client namespace.
 type synFlooder struct {
-	fd    int
-	frame []byte
-	rng   *rand.Rand
+	fd  int
+	eth layers.Ethernet
+	ip  layers.IPv4
+	tcp layers.TCP
+	buf gopacket.SerializeBuffer
+	rng *rand.Rand
 }
 
 func newSYNFlooder(t *testing.T, tp *topology, dstPort uint16) *synFlooder {
@@ -43,7 +50,7 @@ func newSYNFlooder(t *testing.T, tp *topology, dstPort uint16) *synFlooder {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &synFlooder{rng: rand.New(rand.NewPCG(1, 2))}
+	f := &synFlooder{rng: rand.New(rand.NewPCG(1, 2)), buf: gopacket.NewSerializeBuffer()}
 	err = netns.Run(tp.clientNS, func() error {
 		fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, 0)
 		if err != nil {
@@ -56,25 +63,30 @@ func newSYNFlooder(t *testing.T, tp *topology, dstPort uint16) *synFlooder {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { unix.Close(f.fd) })
-	// Ethernet + IPv4 + TCP SYN with an MSS option.
-	fr := make([]byte, 14+20+24)
-	copy(fr[0:6], dstIf.HardwareAddr)
-	copy(fr[6:12], srcIf.HardwareAddr)
-	binary.BigEndian.PutUint16(fr[12:], 0x0800)
-	ip := fr[14:34]
-	ip[0] = 0x45
-	binary.BigEndian.PutUint16(ip[2:], 44)
-	ip[8] = 64
-	ip[9] = 6
-	copy(ip[16:20], net.ParseIP(serverV4).To4())
-	tcp := fr[34:]
-	binary.BigEndian.PutUint16(tcp[2:], dstPort)
-	tcp[12] = 6 << 4
-	tcp[13] = 0x02 // SYN
-	binary.BigEndian.PutUint16(tcp[14:], 64240)
-	copy(tcp[20:], []byte{2, 4, 0x05, 0xb4})
-	f.frame = fr
+	f.eth = layers.Ethernet{SrcMAC: srcIf.HardwareAddr, DstMAC: dstIf.HardwareAddr, EthernetType: layers.EthernetTypeIPv4}
+	f.ip = layers.IPv4{Version: 4, TTL: 64, Protocol: layers.IPProtocolTCP, SrcIP: make(net.IP, 4), DstIP: net.ParseIP(serverV4).To4()}
+	f.tcp = layers.TCP{
+		DstPort: layers.TCPPort(dstPort), SYN: true, Window: 64240,
+		Options: []layers.TCPOption{{OptionType: layers.TCPOptionKindMSS, OptionLength: 4, OptionData: []byte{0x05, 0xb4}}},
+	}
+	if err := f.tcp.SetNetworkLayerForChecksum(&f.ip); err != nil {
+		t.Fatal(err)
+	}
 	return f
+}
+
+// send writes one SYN from a random source in floodNet.
+func (f *synFlooder) send() error {
+	binary.BigEndian.PutUint32(f.ip.SrcIP, 0xC6128000|f.rng.Uint32()&0x7fff) // 198.18.128.0/17
+	f.ip.Id = uint16(f.rng.Uint32())
+	f.tcp.SrcPort = layers.TCPPort(1024 + f.rng.IntN(60000))
+	f.tcp.Seq = f.rng.Uint32()
+	opts := gopacket.SerializeOptions{FixLengths: true, ComputeChecksums: true}
+	if err := gopacket.SerializeLayers(f.buf, opts, &f.eth, &f.ip, &f.tcp); err != nil {
+		return err
+	}
+	_, err := unix.Write(f.fd, f.buf.Bytes())
+	return err
 }
 
 // interfaceIn looks up an interface inside a namespace.
@@ -86,24 +98,6 @@ func interfaceIn(ns *os.File, name string) (*net.Interface, error) {
 		return err
 	})
 	return ifc, err
-}
-
-// send writes one SYN from a random source in floodNet.
-func (f *synFlooder) send() error {
-	fr := f.frame
-	ip, tcp := fr[14:34], fr[34:]
-	src := 0xC6128000 | f.rng.Uint32()&0x7fff // 198.18.128.0/17
-	binary.BigEndian.PutUint32(ip[12:], src)
-	binary.BigEndian.PutUint16(ip[4:], uint16(f.rng.Uint32()))
-	ip[10], ip[11] = 0, 0
-	binary.BigEndian.PutUint16(ip[10:], ^fold(sum16(ip)))
-	binary.BigEndian.PutUint16(tcp[0:], uint16(1024+f.rng.IntN(60000)))
-	binary.BigEndian.PutUint32(tcp[4:], f.rng.Uint32())
-	tcp[16], tcp[17] = 0, 0
-	pseudo := sum16(ip[12:20]) + 6 + uint32(len(tcp))
-	binary.BigEndian.PutUint16(tcp[16:], ^fold(pseudo+sum16(tcp)))
-	_, err := unix.Write(f.fd, fr)
-	return err
 }
 
 // flood sends rate SYNs per second for d, in bursts every millisecond, and
@@ -128,18 +122,21 @@ func (f *synFlooder) flood(rate int, d time.Duration) (int, error) {
 }
 
 // vmHWM reads a process's peak resident set size in bytes.
-func vmHWM(pid int) (int64, error) {
+func vmHWM(pid int) (int64, error) { return procStatus(pid, "VmHWM:") }
+
+// procStatus reads one size in kB from /proc/PID/status, in bytes.
+func procStatus(pid int, field string) (int64, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
 	}
 	for _, l := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(l); len(f) == 3 && f[0] == "VmHWM:" {
+		if f := strings.Fields(l); len(f) == 3 && f[0] == field {
 			kb, err := strconv.ParseInt(f[1], 10, 64)
 			return kb << 10, err
 		}
 	}
-	return 0, fmt.Errorf("no VmHWM in /proc/%d/status", pid)
+	return 0, fmt.Errorf("no %s in /proc/%d/status", field, pid)
 }
 
 // TestSYNFlood floods the capture interface with 50,000 spoofed-source SYNs
@@ -160,18 +157,26 @@ func TestSYNFlood(t *testing.T) {
 		n, err := f.flood(floodRate, *floodDuration)
 		done <- result{n, err}
 	}()
-	// Real connections during the flood.
+	// Real connections during the flood, and the daemon's goroutines and
+	// heap sampled every half second until the flood ends.
 	var conns []conn
-	maxGoroutines := 0.0
-	deadline := time.Now().Add(*floodDuration)
-	for time.Now().Before(deadline.Add(-2 * time.Second)) {
-		conns = append(conns, e.exchange(e.server.ln4.Addr().String(), 1000))
-		maxGoroutines = max(maxGoroutines, e.metric("go_goroutines"))
-		if len(conns) >= 5 {
-			break
+	var maxGoroutines, maxHeap float64
+	deadline := time.Now().Add(*floodDuration - 2*time.Second)
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	var r result
+	for waiting := true; waiting; {
+		select {
+		case r = <-done:
+			waiting = false
+		case <-tick.C:
+			if len(conns) < 5 && time.Now().Before(deadline) {
+				conns = append(conns, e.exchange(e.server.ln4.Addr().String(), 1000))
+			}
+			maxGoroutines = max(maxGoroutines, e.metric("go_goroutines"))
+			maxHeap = max(maxHeap, e.metric("go_memstats_heap_inuse_bytes"))
 		}
 	}
-	r := <-done
 	if r.err != nil {
 		t.Fatalf("flood: %v after %d SYNs", r.err, r.sent)
 	}
@@ -182,8 +187,8 @@ func TestSYNFlood(t *testing.T) {
 	}
 	captured := e.metric(`pcap_capture_packets_total{interface="` + e.tp.serverIf + `"}`)
 	dropped := e.metric(`pcap_demuxer_pending_dropped_total{reason="limit"}`) + e.metric(`pcap_demuxer_pending_dropped_total{reason="uuidtimeout"}`)
-	t.Logf("flood: %d SYNs in %v (%.0f/s); daemon captured %.0f packets, dropped %.0f pending flows; peak RSS %.1f MB; at most %.0f goroutines",
-		r.sent, *floodDuration, float64(r.sent)/floodDuration.Seconds(), captured, dropped, float64(hwm)/1e6, maxGoroutines)
+	t.Logf("flood: %d SYNs in %v (%.0f/s); daemon captured %.0f packets, dropped %.0f pending flows; peak RSS %.1f MB, heap in use at most %.1f MB (sampled); at most %.0f goroutines",
+		r.sent, *floodDuration, float64(r.sent)/floodDuration.Seconds(), captured, dropped, float64(hwm)/1e6, maxHeap/1e6, maxGoroutines)
 	if float64(r.sent) < 0.9*floodRate*floodDuration.Seconds() {
 		t.Errorf("sent only %d SYNs", r.sent)
 	}
@@ -193,6 +198,15 @@ func TestSYNFlood(t *testing.T) {
 	if maxGoroutines > 100 {
 		t.Errorf("%v goroutines during the flood: one per SYN?", maxGoroutines)
 	}
+	// Where the resident memory is: anonymous (the Go heap and runtime)
+	// and file-backed (the binary and the capture ring, mapped from the
+	// kernel).
+	anon, err1 := procStatus(e.daemon.cmd.Process.Pid, "RssAnon:")
+	file, err2 := procStatus(e.daemon.cmd.Process.Pid, "RssFile:")
+	if err := errors.Join(err1, err2); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("resident at the end of the flood: %.1f MB anonymous, %.1f MB file-backed", float64(anon)/1e6, float64(file)/1e6)
 	e.daemon.signal(syscall.SIGTERM)
 	if code, ok := e.daemon.wait(30 * time.Second); !ok || code != 0 {
 		t.Fatalf("daemon exit %d %v", code, ok)
