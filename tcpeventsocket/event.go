@@ -136,9 +136,12 @@ const maxUUIDLen = 255 - len(".pcap.gz")
 // A Close that carries an ID has it checked like an Open's, since a malformed
 // ID means the line is corrupt; tcp-info sends Close without ID.
 func ParseLine(line []byte) (Event, error) {
-	var w wireEvent
-	if err := json.Unmarshal(line, &w); err != nil {
-		return Event{}, classifyJSONError(err)
+	w, ok := fastDecode(line)
+	if !ok {
+		w = wireEvent{}
+		if err := json.Unmarshal(line, &w); err != nil {
+			return Event{}, classifyJSONError(err)
+		}
 	}
 	kind := Kind(w.Event)
 	if kind != Open && kind != Close {

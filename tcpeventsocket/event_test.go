@@ -279,3 +279,22 @@ func TestBadIPNotInError(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkParseLine decodes an Open line as tcp-info writes it (the fast
+// path) and one that needs encoding/json (an escaped character in the UUID).
+func BenchmarkParseLine(b *testing.B) {
+	for _, bc := range []struct{ name, line string }{
+		{"tcpinfo", openLine(goodUUID, id(443, 51234, "192.0.2.10", "198.51.100.7"))},
+		{"escaped", strings.Replace(openLine(goodUUID, id(443, 51234, "192.0.2.10", "198.51.100.7")), "host", `\u0068ost`, 1)},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			line := []byte(bc.line)
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := ParseLine(line); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -1,8 +1,10 @@
 package tcpeventsocket
 
 import (
+	"encoding/json"
 	"errors"
 	"net/netip"
+	"reflect"
 	"regexp"
 	"slices"
 	"testing"
@@ -59,4 +61,51 @@ func FuzzParseLine(f *testing.F) {
 			t.Fatalf("Key %v, want %v", ev.Key, want)
 		}
 	})
+}
+
+// FuzzFastDecode checks the fast decoder against encoding/json: whenever
+// fastDecode accepts a line, encoding/json accepts it too and decodes the same
+// value. (When fastDecode declines, ParseLine uses encoding/json itself.)
+func FuzzFastDecode(f *testing.F) {
+	for _, l := range fastDecodeSeeds {
+		f.Add([]byte(l))
+	}
+	f.Fuzz(func(t *testing.T, line []byte) {
+		got, ok := fastDecode(line)
+		if !ok {
+			return
+		}
+		var want wireEvent
+		if err := json.Unmarshal(line, &want); err != nil {
+			t.Fatalf("fastDecode accepted %q, encoding/json: %v", line, err)
+		}
+		if !reflect.DeepEqual(got, want) || !got.Timestamp.Equal(want.Timestamp) {
+			t.Fatalf("%q: fastDecode %+v (ID %+v), encoding/json %+v (ID %+v)", line, got, got.ID, want, want.ID)
+		}
+	})
+}
+
+// fastDecodeSeeds: what tcp-info writes, and near misses of each rule.
+var fastDecodeSeeds = []string{
+	openLine(goodUUID, id(443, 51234, "192.0.2.10", "198.51.100.7")),
+	openLine(goodUUID, id(443, 51234, "2001:db8::1", "2001:db8::2")),
+	`{"Event":1,"Timestamp":` + ts + `,"UUID":"` + goodUUID + `","ID":null}`,
+	` { "Event" : 1 , "Timestamp" : ` + ts + ` , "UUID" : "x" } ` + "\n",
+	`{"Event":0,"Timestamp":` + ts + `,"UUID":"x","ID":{"SPort":70000}}`,
+	`{"Event":0,"Timestamp":` + ts + `,"UUID":"x","ID":{"sport":1}}`,
+	`{"event":0}`,
+	`{"Event":0,"Event":1}`,
+	`{"Event":01}`,
+	`{"Event":1.0}`,
+	`{"Event":-1}`,
+	`{"UUID":"a\u002fb"}`,
+	`{"UUID":"é"}`,
+	`{"Timestamp":"2024-11-18T12:00:00Z"}`,
+	`{"Timestamp":"yesterday"}`,
+	`{"ID":{}}`,
+	`{"ID":{"Cookie":-9223372036854775808,"Interface":4294967295}}`,
+	`{"ID":{"Cookie":9223372036854775808}}`,
+	`{}`,
+	`{} x`,
+	`{"Event":0,}`,
 }
