@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/m-lab/packet-headers/metrics"
 )
 
@@ -63,6 +65,8 @@ type Client struct {
 	m         *metrics.Metrics
 	log       *slog.Logger
 	connected atomic.Bool
+	// received[kind] is EventsReceived{event=kind}, looked up once.
+	received [2]prometheus.Counter
 
 	// Rate limiting of bad-line logs; used only by Run's goroutine.
 	lastBadLog time.Time
@@ -79,9 +83,10 @@ func New(path string, h Handler, m *metrics.Metrics, log *slog.Logger) *Client {
 	for _, r := range Reasons {
 		m.BadEventsFromTCPInfo.WithLabelValues(r)
 	}
-	m.EventsReceived.WithLabelValues(Open.String())
-	m.EventsReceived.WithLabelValues(Close.String())
-	return &Client{path: path, h: h, m: m, log: log.With("eventsocket", path)}
+	c := &Client{path: path, h: h, m: m, log: log.With("eventsocket", path)}
+	c.received[Open] = m.EventsReceived.WithLabelValues(Open.String())
+	c.received[Close] = m.EventsReceived.WithLabelValues(Close.String())
+	return c
 }
 
 // Connected reports whether the Client is connected to the eventsocket now.
@@ -186,7 +191,7 @@ func (c *Client) serve(ctx context.Context, conn net.Conn) (healthy bool, err er
 			return healthy, endErr(err)
 		}
 		if c.SkipClose && bytes.HasPrefix(line, closePrefix) {
-			c.m.EventsReceived.WithLabelValues(Close.String()).Inc()
+			c.received[Close].Inc()
 			healthy = true
 			if err != nil {
 				return healthy, endErr(err)
@@ -199,7 +204,7 @@ func (c *Client) serve(ctx context.Context, conn net.Conn) (healthy bool, err er
 		if perr != nil {
 			c.badLine(perr)
 		} else {
-			c.m.EventsReceived.WithLabelValues(ev.Kind.String()).Inc()
+			c.received[ev.Kind].Inc()
 			c.h.Event(ev)
 			healthy = true
 		}
