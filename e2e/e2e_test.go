@@ -135,18 +135,31 @@ func dial(t *testing.T, tp *topology, addr string) net.Conn {
 	return c
 }
 
-const opensMetric = `pcap_eventsocket_events_total{event="open"}`
+const (
+	opensMetric = `pcap_eventsocket_events_total{event="open"}`
+	// issuedMetric counts the flows the built-in source named.
+	issuedMetric = `pcap_uuidsource_uuids_issued_total`
+)
+
+// namedMetric is the daemon's count of flows named by its UUID source.
+func (e *env) namedMetric() string {
+	if e.standalone {
+		return issuedMetric
+	}
+	return opensMetric
+}
 
 // exchange makes one complete connection: connect, wait until tcp-info has
 // named it (it polls every 10 ms, so a connection shorter than that may
 // never be named), request, half-close, response, close.
 func (e *env) exchange(addr string, reqLen int) conn {
 	t, s := e.t, e.server
-	opens := e.metric(opensMetric)
+	named := e.namedMetric()
+	opens := e.metric(named)
 	c := dial(t, e.tp, addr)
 	defer c.Close()
-	if !e.waitMetric(opensMetric, opens+1, 10*time.Second) {
-		t.Fatalf("tcp-info did not name the connection from %s", c.LocalAddr())
+	if !e.waitMetric(named, opens+1, 10*time.Second) {
+		t.Fatalf("the UUID source did not name the connection from %s", c.LocalAddr())
 	}
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := c.Write(bytes.Repeat([]byte("Q"), reqLen)); err != nil {
@@ -185,6 +198,8 @@ type env struct {
 	refPath  string
 	server   *echoServer
 	tcpinfoN int
+	// standalone: the daemon names flows with its own UUID source.
+	standalone bool
 }
 
 func newEnv(t *testing.T, daemonArgs ...string) *env {
@@ -220,12 +235,21 @@ func newEnvOn(t *testing.T, named bool, daemonArgs ...string) *env {
 		daemonArgs = append([]string{"-interface=" + tp.serverIf}, daemonArgs...)
 	}
 	e.startDaemon(daemonArgs...)
-	if !e.daemon.log.waitFor("connected to eventsocket", 1, 10*time.Second) {
+	e.standalone = slices.Contains(daemonArgs, standaloneArg)
+	if e.standalone {
+		if !e.daemon.log.waitFor("standalone", 1, 10*time.Second) {
+			t.Fatalf("daemon did not start its own UUID source:\n%s", e.daemon.log.String())
+		}
+	} else if !e.daemon.log.waitFor("connected to eventsocket", 1, 10*time.Second) {
 		t.Fatalf("daemon did not connect to tcp-info:\n%s", e.daemon.log.String())
 	}
 	e.server = startEchoServer(t, tp, 5000)
 	return e
 }
+
+// standaloneArg, last among a daemon's flags, overrides the test's
+// -tcpinfo.eventsocket: the daemon names flows with its own UUID source.
+const standaloneArg = "-tcpinfo.eventsocket="
 
 // startDaemon starts the daemon in the server namespace with the test's
 // usual flags and extra args, and waits until it captures.
@@ -238,6 +262,7 @@ func (e *env) startDaemon(extra ...string) {
 		"-captureduration=20s",
 		"-sigtermwait=200ms",
 		"-prometheusx.listen-address=127.0.0.1:9991",
+		"-uuid-prefix-file=" + e.prefix,
 	}, extra...)
 	e.daemon = startProc(e.t, e.tp.server, "packet-headers", daemonBin, args...)
 	if !e.daemon.log.waitFor("capturing", 1, 10*time.Second) {

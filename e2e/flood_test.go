@@ -141,12 +141,20 @@ func procStatus(pid int, field string) (int64, error) {
 
 // TestSYNFlood floods the capture interface with 50,000 spoofed-source SYNs
 // a second (-flood.duration, 30 s by default) with the daemon's default
-// limits: its peak RSS stays under 150 MB, it creates no goroutine per SYN,
-// and a real connection made during the flood is saved complete.
-func TestSYNFlood(t *testing.T) {
+// limits, beside tcp-info: its peak RSS stays under 150 MB, it creates no
+// goroutine per SYN, and a real connection made during the flood is saved
+// complete.
+func TestSYNFlood(t *testing.T) { synFloodTest(t) }
+
+// TestSYNFloodStandalone is TestSYNFlood with the daemon's own UUID source,
+// whose socket dumps and destroy notifications must not be swamped by the
+// flood's half-open connections.
+func TestSYNFloodStandalone(t *testing.T) { synFloodTest(t, standaloneArg) }
+
+func synFloodTest(t *testing.T, daemonArgs ...string) {
 	refFilter = "tcp and not src net " + floodNet + " and not dst net " + floodNet
 	defer func() { refFilter = "tcp" }()
-	e := newEnv(t)
+	e := newEnv(t, daemonArgs...)
 	f := newSYNFlooder(t, e.tp, uint16(e.server.ln4.Addr().(*net.TCPAddr).Port))
 	type result struct {
 		sent int
