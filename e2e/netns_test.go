@@ -27,10 +27,12 @@ const (
 	clientV6 = "2001:db8::2"
 )
 
-// topology is two network namespaces joined by a veth pair.
+// topology is two network namespaces joined by a veth pair (or, in
+// newTUNTopology, by two TUN devices and a relay).
 type topology struct {
+	id                 string
 	server, client     string // namespace names
-	serverIf, clientIf string // veth ends
+	serverIf, clientIf string // the link's ends
 	serverNS, clientNS *os.File
 }
 
@@ -60,31 +62,35 @@ var topoSeq int
 // valid checksums. Everything is removed when the test ends.
 func newTopology(t testing.TB) *topology {
 	t.Helper()
-	requireNetns(t)
-	topoSeq++
-	id := fmt.Sprintf("%d%d", os.Getpid()%100000, topoSeq)
-	tp := &topology{
-		server:   "phs" + id,
-		client:   "phc" + id,
-		serverIf: "vs" + id,
-		clientIf: "vc" + id,
-	}
-	run(t, "ip", "netns", "add", tp.server)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", tp.server).Run() })
-	run(t, "ip", "netns", "add", tp.client)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", tp.client).Run() })
+	tp := newNamespaces(t)
+	tp.serverIf, tp.clientIf = "vs"+tp.id, "vc"+tp.id
 	run(t, "ip", "link", "add", tp.serverIf, "netns", tp.server, "type", "veth", "peer", "name", tp.clientIf, "netns", tp.client)
 	for _, s := range []struct{ ns, ifc, v4, v6 string }{
 		{tp.server, tp.serverIf, serverV4, serverV6},
 		{tp.client, tp.clientIf, clientV4, clientV6},
 	} {
-		run(t, "ip", "-n", s.ns, "link", "set", "lo", "up")
 		run(t, "ip", "-n", s.ns, "addr", "add", s.v4+"/24", "dev", s.ifc)
 		run(t, "ip", "-n", s.ns, "addr", "add", s.v6+"/64", "dev", s.ifc, "nodad")
 		run(t, "ip", "-n", s.ns, "link", "set", s.ifc, "up")
 		if _, err := exec.LookPath("ethtool"); err == nil {
 			run(t, "ip", "netns", "exec", s.ns, "ethtool", "-K", s.ifc, "tso", "off", "gso", "off", "gro", "off", "tx", "off", "rx", "off")
 		}
+	}
+	return tp
+}
+
+// newNamespaces creates the server and client namespaces, with loopback up
+// and nothing else; they are removed when the test ends.
+func newNamespaces(t testing.TB) *topology {
+	t.Helper()
+	requireNetns(t)
+	topoSeq++
+	id := fmt.Sprintf("%d%d", os.Getpid()%100000, topoSeq)
+	tp := &topology{id: id, server: "phs" + id, client: "phc" + id}
+	for _, ns := range []string{tp.server, tp.client} {
+		run(t, "ip", "netns", "add", ns)
+		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+		run(t, "ip", "-n", ns, "link", "set", "lo", "up")
 	}
 	var err error
 	if tp.serverNS, err = os.Open("/var/run/netns/" + tp.server); err != nil {
