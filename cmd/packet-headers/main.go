@@ -270,7 +270,7 @@ func (d *daemon) run(ctx context.Context) error {
 			d.log.Error("UUID source", "err", err)
 		}
 	})
-	wg.Go(func() { d.releaseIdleRAM(runCtx) })
+	wg.Go(func() { d.releaseIdleRAM(runCtx, idleRAMCheckInterval) })
 	demuxDone := make(chan struct{})
 	go func() {
 		d.demux.Run(runCtx, d.packets, d.events)
@@ -295,12 +295,15 @@ func (d *daemon) mux() *http.ServeMux {
 	return mux
 }
 
+// idleRAMCheckInterval is how often releaseIdleRAM looks at the idle heap.
+const idleRAMCheckInterval = 10 * time.Second
+
 // releaseIdleRAM returns idle heap memory to the OS when there is more than
 // -maxidleram of it, as the original did: after a burst of flows the Go
 // runtime keeps freed memory for reuse, which looks like a leak to the
 // machine's other tenants.
-func (d *daemon) releaseIdleRAM(ctx context.Context) {
-	t := time.NewTicker(10 * time.Second)
+func (d *daemon) releaseIdleRAM(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
 	defer t.Stop()
 	sample := []metrics.Sample{{Name: "/memory/classes/heap/free:bytes"}}
 	for {
