@@ -88,6 +88,11 @@ type Config struct {
 // packets are held) until its UUID arrives.
 type entry struct {
 	saver *saver.Saver
+	// named is the Open of a flow named before its first packet: its saver
+	// (and goroutine) starts with that packet, so that the Opens tcp-info
+	// sends again for every live socket when it restarts cost no goroutine
+	// for the sockets that stay idle.
+	named *Open
 	// The pending packets: first, then more. Most pending flows hold one
 	// packet (a SYN, or a SYN flood's spoofed SYN), so it is stored inline,
 	// saving an allocation and a slice per pending flow. first.Key is the
@@ -243,6 +248,10 @@ func (d *Demuxer) Packet(p flow.Packet) {
 		e = d.newPending(p.Key, time.Now().UnixNano())
 	}
 	e.gen = d.gen
+	if e.named != nil {
+		d.startSaver(e, *e.named)
+		e.named = nil
+	}
 	if e.saver != nil {
 		if e.saver.Queue(p) {
 			d.toWake = append(d.toWake, e.saver)
@@ -292,14 +301,20 @@ func (d *Demuxer) Open(ev Open) {
 	switch {
 	case !ok:
 		// The UUID arrived before the flow's first packet (or after the
-		// flow was dropped): the saver waits for packets.
+		// flow was dropped, or tcp-info restarted): the flow's saver
+		// starts with its first packet.
 		if !d.admit() {
 			d.cfg.Metrics.MissedUUIDs.WithLabelValues("skipped").Inc()
 			return
 		}
-		e = &entry{gen: d.gen}
-		d.flows[ev.Key] = e
-		d.startSaver(e, ev)
+		d.flows[ev.Key] = &entry{gen: d.gen, named: &ev}
+	case e.named != nil:
+		if e.named.UUID != ev.UUID {
+			// A new socket on the 4-tuple before the old one sent a
+			// packet: the old flow ends without packets.
+			d.cfg.Saver.CountNoPackets()
+			e.named = &ev
+		}
 	case e.saver == nil:
 		d.startSaver(e, ev)
 		d.npkts -= e.npending()
@@ -339,10 +354,13 @@ func (d *Demuxer) GC() {
 		if e.gen >= d.gen {
 			continue
 		}
-		if e.saver != nil {
+		switch {
+		case e.saver != nil:
 			e.saver.Close()
 			d.cfg.Metrics.DemuxerSaversGCed.Inc()
-		} else {
+		case e.named != nil:
+			d.cfg.Saver.CountNoPackets()
+		default:
 			d.dropPending(e, d.droppedWait)
 		}
 		delete(d.flows, k)
@@ -438,9 +456,12 @@ func (d *Demuxer) Flush() { d.shutdown() }
 func (d *Demuxer) shutdown() {
 	d.WakeSavers()
 	for k, e := range d.flows {
-		if e.saver != nil {
+		switch {
+		case e.saver != nil:
 			e.saver.Close()
-		} else {
+		case e.named != nil:
+			d.cfg.Saver.CountNoPackets()
+		default:
 			d.dropPending(e, d.droppedWait)
 		}
 		delete(d.flows, k)

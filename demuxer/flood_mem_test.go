@@ -2,6 +2,7 @@ package demuxer
 
 import (
 	"encoding/binary"
+	"os"
 	"runtime"
 	"strconv"
 	"testing"
@@ -162,4 +163,74 @@ func TestMaxHeapSheds(t *testing.T) {
 		t.Errorf("pcap_saver_skipped_total %v, want %v", n, shed)
 	}
 	d.Flush()
+}
+
+// TestOpensWithoutPacketsStartNoGoroutine: when tcp-info restarts it sends an
+// Open for every live socket, also the idle ones whose flows were collected.
+// Those cost a table entry, not a saver goroutine, until a packet comes; the
+// ones that never get one are counted as flows without packets, as a saver
+// would count them.
+func TestOpensWithoutPacketsStartNoGoroutine(t *testing.T) {
+	m := metrics.New(prometheus.NewRegistry())
+	dir := t.TempDir()
+	d := New(Config{
+		FlowTimeout: time.Hour, UUIDWait: time.Hour,
+		Saver:   &saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m},
+		Metrics: m,
+	})
+	const opens = 10_000
+	before := runtime.NumGoroutine()
+	keys := make([]flow.Key, opens)
+	var b flow.Builder
+	raw := make([]byte, 58)
+	binary.BigEndian.PutUint16(raw[12:], 0x0800)
+	raw[14] = 0x45
+	raw[14+9] = 6
+	binary.BigEndian.PutUint32(raw[14+16:], 0xC6120001)
+	raw[14+20+12] = 6 << 4
+	raw[14+20+13] = 0x10 // ACK
+	packet := func(i int) flow.Packet {
+		binary.BigEndian.PutUint32(raw[14+12:], 0xC6120002)
+		binary.BigEndian.PutUint16(raw[14+20:], uint16(1024+i))
+		binary.BigEndian.PutUint16(raw[14+22:], 443)
+		p, _, err := b.Build(raw, flow.LinkEthernet, int64(i), len(raw))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	for i := range keys {
+		keys[i] = packet(i).Key
+		d.Open(Open{Key: keys[i], UUID: "idle" + strconv.Itoa(i), Time: opened})
+	}
+	if n := runtime.NumGoroutine() - before; n > 10 {
+		t.Errorf("%d goroutines after %d Opens without packets", n, opens)
+	}
+	if n := testutil.ToFloat64(m.SaversStarted); n != 0 {
+		t.Errorf("%v savers started before any packet", n)
+	}
+	// The same Open again (tcp-info restarted twice) changes nothing; a new
+	// UUID on a 4-tuple that had none of its packets yet replaces the old,
+	// which ends without packets.
+	d.Open(Open{Key: keys[0], UUID: "idle0", Time: opened})
+	d.Open(Open{Key: keys[1], UUID: "reused1", Time: opened})
+	// One flow sends: its saver starts and saves under its UUID.
+	d.Packet(packet(1))
+	d.WakeSavers()
+	d.GC()
+	d.Packet(packet(1))
+	d.GC() // the idle ones: one to two GCs without packets
+	if n := testutil.ToFloat64(m.SaversStarted); n != 1 {
+		t.Errorf("%v savers started, want 1", n)
+	}
+	if n, want := testutil.ToFloat64(m.SaverErrors.WithLabelValues("nopackets")), float64(opens-1+1); n != want {
+		t.Errorf("nopackets errors %v, want %v", n, want)
+	}
+	if len(d.flows) != 1 {
+		t.Errorf("%d flows in the table, want the one sending", len(d.flows))
+	}
+	d.Flush()
+	if _, err := os.Stat(saver.DatePath(dir, "reused1", opened)); err != nil {
+		t.Errorf("the flow that sent was not saved under its UUID: %v", err)
+	}
 }

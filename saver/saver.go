@@ -93,6 +93,14 @@ func (c *Config) Init() {
 	})
 }
 
+// CountNoPackets counts a flow that was named but ended without a packet, as
+// its saver would (pcap_saver_errors_total{reason="nopackets"}), for flows
+// whose saver was never started.
+func (c *Config) CountNoPackets() {
+	c.Init()
+	c.errs[NoPacketsError].Inc()
+}
+
 // logError logs at most one saver error a second across all savers: when the
 // disk is full every flow fails, and the counters say how many.
 func (c *Config) logError(s *Saver, msg string, err error) {
