@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"runtime/metrics"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -142,6 +143,10 @@ type Demuxer struct {
 	overHeap bool
 	wg       sync.WaitGroup
 	toWake   []*saver.Saver // savers with packets queued since the last WakeSavers
+	// hasPending mirrors npending > 0 for other goroutines; pendingWake
+	// receives when a flow becomes pending (see HasPending).
+	hasPending  atomic.Bool
+	pendingWake chan struct{}
 
 	missedPending prometheus.Counter
 	shedMaxFlows  prometheus.Counter
@@ -182,8 +187,18 @@ func New(cfg Config) *Demuxer {
 		droppedLimit:  m.PendingDropped.WithLabelValues("limit"),
 		uuidTimedOut:  m.SaverErrors.WithLabelValues("uuidtimedout"),
 		heapSample:    []metrics.Sample{{Name: "/gc/heap/live:bytes"}},
+		pendingWake:   make(chan struct{}, 1),
 	}
 }
+
+// HasPending reports whether any flow is waiting for its UUID. It is safe
+// for concurrent use: a UUID source that polls (kernelsource) polls only
+// while it is true.
+func (d *Demuxer) HasPending() bool { return d.hasPending.Load() }
+
+// PendingWake returns a channel that receives when a flow starts waiting for
+// its UUID (at most one value waits in it).
+func (d *Demuxer) PendingWake() <-chan struct{} { return d.pendingWake }
 
 // Run demultiplexes until packets is closed: it takes batches of packets
 // (and returns each batch to flow.PutBatch) and UUID events, then, once
@@ -289,6 +304,10 @@ func (d *Demuxer) newPending(k flow.Key, now int64) *entry {
 	d.fifo.push(pendingRef{e: e, deadline: now + int64(d.cfg.UUIDWait)})
 	d.npending++
 	d.gauges()
+	select {
+	case d.pendingWake <- struct{}{}:
+	default:
+	}
 	return e
 }
 
@@ -447,6 +466,7 @@ func (d *Demuxer) checkHeap() {
 func (d *Demuxer) gauges() {
 	d.cfg.Metrics.DemuxerSaversActive.Set(float64(len(d.flows)))
 	d.cfg.Metrics.PendingFlows.Set(float64(d.npending))
+	d.hasPending.Store(d.npending > 0)
 }
 
 // Flush ends every flow now and waits for the savers to publish. Run calls

@@ -234,3 +234,43 @@ func TestOpensWithoutPacketsStartNoGoroutine(t *testing.T) {
 		t.Errorf("the flow that sent was not saved under its UUID: %v", err)
 	}
 }
+
+// TestHasPending: HasPending and PendingWake follow the flows waiting for a
+// UUID, for a UUID source that polls only while one waits.
+func TestHasPending(t *testing.T) {
+	m := metrics.New(prometheus.NewRegistry())
+	d := New(Config{
+		FlowTimeout: time.Hour, UUIDWait: time.Hour,
+		Saver:   &saver.Config{Dir: t.TempDir(), CaptureDuration: time.Hour, Metrics: m},
+		Metrics: m,
+	})
+	if d.HasPending() {
+		t.Error("HasPending before any packet")
+	}
+	select {
+	case <-d.PendingWake():
+		t.Error("PendingWake received before any packet")
+	default:
+	}
+	v4 := readPackets(t, "v4.pcap")
+	d.Packet(v4[0])
+	d.Packet(v4[1])
+	if !d.HasPending() {
+		t.Error("no HasPending with a flow waiting")
+	}
+	select {
+	case <-d.PendingWake():
+	default:
+		t.Error("PendingWake did not receive when a flow started waiting")
+	}
+	select {
+	case <-d.PendingWake():
+		t.Error("PendingWake received twice for one flow")
+	default:
+	}
+	d.Open(Open{Key: v4[0].Key, UUID: "u", Time: opened})
+	if d.HasPending() {
+		t.Error("HasPending after the only waiting flow was named")
+	}
+	d.Flush()
+}

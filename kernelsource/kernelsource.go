@@ -101,6 +101,17 @@ type Config struct {
 	Metrics *metrics.Metrics
 	// Log is the logger; nil discards.
 	Log *slog.Logger
+	// Needed, if not nil, tells whether any flow is waiting for its UUID
+	// (the demuxer's HasPending). After each poll the Source asks it, and
+	// while nothing waits it stops polling until Wake receives: every
+	// flow the daemon captures is pending until it is named, so a host
+	// with thousands of established but quiet sockets is not dumped a
+	// hundred times a second for nothing. Destroy notifications are read
+	// all the time. Nil means polling every Interval, as tcp-info does.
+	Needed func() bool
+	// Wake receives when a flow starts waiting (the demuxer's
+	// PendingWake); used only with Needed.
+	Wake <-chan struct{}
 }
 
 // Source learns about TCP sockets from the kernel and sends one demuxer.Open
@@ -250,14 +261,30 @@ func (s *Source) Run(ctx context.Context) error {
 	// BENCHMARKS.md), as long after it ended as it took: polling then costs
 	// at most half a CPU instead of all of it, and flows too short for the
 	// slower polls are still named by destroy notifications.
-	tick := time.NewTimer(s.pollWait(s.poll(ctx)))
-	defer tick.Stop()
+	//
+	// With Config.Needed, polling pauses while no flow waits for a UUID
+	// (tick is nil) and resumes at once when one does.
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	var tick <-chan time.Time
+	schedule := func(took time.Duration) {
+		tick = nil
+		if s.cfg.Needed == nil || s.cfg.Needed() {
+			timer.Reset(s.pollWait(took))
+			tick = timer.C
+		}
+	}
+	schedule(s.poll(ctx))
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-tick.C:
-			tick.Reset(s.pollWait(s.poll(ctx)))
+		case <-tick:
+			schedule(s.poll(ctx))
+		case <-s.cfg.Wake:
+			if tick == nil {
+				schedule(s.poll(ctx))
+			}
 		case d := <-destroyed:
 			s.destroyed(ctx, d)
 		}

@@ -213,6 +213,10 @@ func (d *daemon) newUUIDSource() (uuidSource, error) {
 		Interval:   d.cfg.PollInterval,
 		Metrics:    d.m,
 		Log:        d.log,
+		// Dump the sockets only while a captured flow waits for its
+		// UUID.
+		Needed: d.demux.HasPending,
+		Wake:   d.demux.PendingWake(),
 	}, d.events)
 	if err != nil {
 		return nil, fmt.Errorf("-uuid-prefix-file=%s: %w", d.cfg.UUIDPrefixFile, err)
