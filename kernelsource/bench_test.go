@@ -79,9 +79,7 @@ func BenchmarkPoll(b *testing.B) {
 	// Run is not used: its loop would compete with the measured polls.
 	b.Cleanup(func() {
 		s.dumper.close()
-		if s.destroy != nil {
-			s.destroy.Close()
-		}
+		s.closeDestroy()
 	})
 	ctx := context.Background()
 	s.poll(ctx) // learns every socket

@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"os"
 
 	"golang.org/x/sys/unix"
 )
@@ -205,19 +204,19 @@ const destroyRcvBuf = 4 << 20
 // in the network namespace of the calling thread. The kernel allows it
 // without privilege; an LSM or seccomp policy may answer EPERM. The file is
 // non-blocking, so that closing it ends a pending Read.
-func openDestroy() (*os.File, error) {
+func openDestroy() (int, error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_SOCK_DIAG)
 	if err != nil {
-		return nil, fmt.Errorf("sock_diag socket: %w", err)
+		return -1, fmt.Errorf("sock_diag socket: %w", err)
 	}
 	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: destroyGroups}); err != nil {
 		unix.Close(fd)
-		return nil, fmt.Errorf("subscribe to tcp destroy notifications: %w", err)
+		return -1, fmt.Errorf("subscribe to tcp destroy notifications: %w", err)
 	}
 	// SO_RCVBUFFORCE passes the rmem_max limit but needs CAP_NET_ADMIN;
 	// without it SO_RCVBUF gets what rmem_max allows.
 	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, destroyRcvBuf) != nil {
 		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, destroyRcvBuf)
 	}
-	return os.NewFile(uintptr(fd), "sock_diag-destroy"), nil
+	return fd, nil
 }
