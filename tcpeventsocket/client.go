@@ -172,7 +172,12 @@ func (c *Client) serve(ctx context.Context, conn net.Conn) (healthy bool, err er
 	c.m.EventsocketUp.Set(1)
 	c.m.EventsocketConnects.Inc()
 
-	r := bufio.NewReaderSize(conn, MaxLineLen)
+	src, err := newPollingReader(ctx, conn)
+	if err != nil {
+		return false, fmt.Errorf("eventsocket: %w", err)
+	}
+	defer src.Close()
+	r := bufio.NewReaderSize(src, MaxLineLen)
 	for {
 		// Lines already buffered are not delivered once ctx is done: the
 		// handler may be shutting down too.
