@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -30,10 +31,11 @@ const (
 
 // pollingReader reads a socket without blocking, sleeping while it is empty.
 type pollingReader struct {
-	ctx  context.Context
-	f    *os.File
-	fd   int
-	wait time.Duration // the next sleep
+	ctx   context.Context
+	f     *os.File
+	fd    int
+	wait  time.Duration // the next sleep
+	timer *time.Timer
 }
 
 // newPollingReader takes conn's socket out of the runtime's network poller
@@ -54,31 +56,43 @@ func newPollingReader(ctx context.Context, conn net.Conn) (io.ReadCloser, error)
 	return &pollingReader{ctx: ctx, f: f, fd: int(f.Fd()), wait: readGap}, nil
 }
 
-func (r *pollingReader) Close() error { return r.f.Close() }
+func (r *pollingReader) Close() error {
+	if r.timer != nil {
+		r.timer.Stop()
+	}
+	return r.f.Close()
+}
 
 func (r *pollingReader) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
 	for {
-		n, _, err := unix.Recvfrom(r.fd, p, unix.MSG_DONTWAIT)
-		switch {
-		case err == nil && n > 0:
+		// A raw system call: recv with MSG_DONTWAIT never blocks, and
+		// unlike syscall.Syscall a raw call does not wake the runtime's
+		// monitor thread, which would then spin for a while, every time
+		// the reader finds the socket empty.
+		r1, _, errno := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(r.fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), unix.MSG_DONTWAIT, 0, 0)
+		switch n := int(r1); {
+		case errno == 0 && n > 0:
 			r.wait = readGap
 			return n, nil
-		case err == nil:
+		case errno == 0:
 			return 0, io.EOF
-		case err == unix.EINTR:
+		case errno == unix.EINTR:
 			continue
-		case err != unix.EAGAIN:
-			return 0, err
+		case errno != unix.EAGAIN:
+			return 0, os.NewSyscallError("recvfrom", errno)
 		}
-		t := time.NewTimer(r.wait)
+		if r.timer == nil {
+			r.timer = time.NewTimer(r.wait)
+		} else {
+			r.timer.Reset(r.wait)
+		}
 		select {
 		case <-r.ctx.Done():
-			t.Stop()
 			return 0, r.ctx.Err()
-		case <-t.C:
+		case <-r.timer.C:
 		}
 		r.wait = min(2*r.wait, readIdleGap)
 	}
