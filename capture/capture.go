@@ -255,13 +255,19 @@ func (c *Interface) Run(ctx context.Context, out chan<- *flow.Batch) error {
 				send()
 				return nil
 			}
-			p, _, perr := b.Build(data, c.link, ci.Timestamp.UnixNano(), ci.Length)
-			if perr != nil {
+			// Built in place in the batch's next slot.
+			n := len(batch.Packets)
+			if n < cap(batch.Packets) {
+				batch.Packets = batch.Packets[:n+1]
+			} else {
+				batch.Packets = append(batch.Packets, flow.Packet{})
+			}
+			if _, perr := b.BuildInto(&batch.Packets[n], data, c.link, ci.Timestamp.UnixNano(), ci.Length); perr != nil {
+				batch.Packets = batch.Packets[:n]
 				c.badPacket(perr)
 				continue
 			}
-			batch.Packets = append(batch.Packets, p)
-			if len(batch.Packets) < flow.BatchSize {
+			if n+1 < flow.BatchSize {
 				continue
 			}
 		case errors.Is(err, pcap.NextErrorTimeoutExpired):

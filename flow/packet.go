@@ -46,9 +46,18 @@ type Builder struct {
 // of the given type. ts is the capture time in nanoseconds since the epoch and
 // origLen the packet's length on the wire. data is only read, never retained.
 func (b *Builder) Build(data []byte, link LinkType, ts int64, origLen int) (Packet, Header, error) {
+	var p Packet
+	h, err := b.BuildInto(&p, data, link, ts, origLen)
+	return p, h, err
+}
+
+// BuildInto is Build writing the Packet into *p (a slot of a batch, say),
+// which saves copying it at several hundred thousand packets a second. *p is
+// left unchanged when the packet cannot be parsed.
+func (b *Builder) BuildInto(p *Packet, data []byte, link LinkType, ts int64, origLen int) (Header, error) {
 	h, err := Parse(data, link)
 	if err != nil {
-		return Packet{}, h, err
+		return h, err
 	}
 	end := min(h.End, len(data))
 	ethHdr := 0
@@ -80,7 +89,7 @@ func (b *Builder) Build(data []byte, link LinkType, ts int64, origLen int) (Pack
 		shift = 14 - h.L3
 		origLen += shift
 	}
-	return Packet{
+	*p = Packet{
 		Key:  h.Key,
 		Time: ts,
 		Len:  uint32(max(origLen, n)),
@@ -88,7 +97,8 @@ func (b *Builder) Build(data []byte, link LinkType, ts int64, origLen int) (Pack
 		L3:   uint16(h.L3 + shift),
 		L4:   uint16(h.L4 + shift),
 		IPv6: h.IPv6,
-	}, h, nil
+	}
+	return h, nil
 }
 
 // BatchSize is the most packets a Batch carries. Handing packets from the
