@@ -33,7 +33,7 @@ type Open struct {
 // Defaults for the limits that have no flag of the original's.
 const (
 	// DefaultMaxPending bounds the flows waiting for a UUID. A pending flow
-	// costs about 360 bytes of heap (its table entry with one packet, its
+	// costs about 380 bytes of heap (its table entry with one packet, its
 	// header bytes, its place in the expiry queue), twice that counting
 	// the garbage collector's headroom, so 25,000 of them are about 18 MB:
 	// room for 5,000 new flows a second with a five-second UUID wait
