@@ -71,6 +71,23 @@ func TestPollingReader(t *testing.T) {
 	if err := <-errc; !errors.Is(err, context.Canceled) {
 		t.Errorf("read after cancel: %v, want context.Canceled", err)
 	}
+	// A reader that has had nothing for a while blocks in poll(2); the
+	// context still ends the wait.
+	conn3, _ := unixPair(t)
+	ctx3, cancel3 := context.WithCancel(context.Background())
+	r3, err := newPollingReader(ctx3, conn3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r3.Close()
+	go func() {
+		_, err := r3.Read(buf)
+		errc <- err
+	}()
+	cancel3()
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Errorf("read of a quiet socket after cancel: %v, want context.Canceled", err)
+	}
 	// The peer closes: EOF.
 	conn2, peer2 := unixPair(t)
 	if err := unix.Shutdown(peer2, unix.SHUT_WR); err != nil {
