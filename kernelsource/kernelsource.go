@@ -236,9 +236,10 @@ func UUID(prefix string, cookie uint64) string {
 	return b.String()
 }
 
-// Run dumps the sockets every Interval and sends an Open for each new socket
-// to be named, and one for each socket destroyed without having been seen,
-// until ctx is done; then it returns nil. A failed dump is logged (at most
+// Run dumps the sockets every Interval (with Config.Needed, only while it
+// is true) and sends an Open for each new socket to be named, and one for
+// each socket destroyed without having been seen, until ctx is done; then it
+// returns nil. A failed dump is logged (at most
 // once a minute) and tried again at the next tick. Sending to out may block;
 // Run still stops promptly when ctx is done. Run never closes out. Run may be
 // called only once.
