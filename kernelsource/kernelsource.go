@@ -12,7 +12,8 @@
 // <prefix>_<cookie as %016X>, the format of github.com/m-lab/uuid, with the
 // prefix read from the same -uuid-prefix-file the same way. A file written
 // in standalone mode therefore carries the name a file written beside
-// tcp-info would carry.
+// tcp-info would carry. Unlike tcp-info, the daemon's Source polls only while
+// a captured flow waits for its UUID (Config.Needed).
 //
 // It goes one step beyond tcp-info. A flow that ends within one poll is never
 // seen by a dump, and tcp-info never names it. The Source also subscribes to

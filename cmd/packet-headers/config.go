@@ -81,7 +81,7 @@ func newFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.DurationVar(&c.UUIDWait, "uuidwaitduration", c.UUIDWait, "Wait up to uuidwaitduration for each flow before either assigning a UUID or discarding all future packets. This prevents buffering unsaveable packets.")
 	fs.Var(&c.CaptureBuffer, "capture.buffersize", "The kernel capture ring per interface. A larger ring rides out longer bursts without dropping packets.")
 	fs.StringVar(&c.UUIDPrefixFile, "uuid-prefix-file", "", "The file holding the UUID prefix for sockets created in this network namespace (standalone mode; as tcp-info's flag of the same name).")
-	fs.DurationVar(&c.PollInterval, "uuidsource.pollinterval", c.PollInterval, "How often the built-in UUID source polls the kernel for new sockets (standalone mode).")
+	fs.DurationVar(&c.PollInterval, "uuidsource.pollinterval", c.PollInterval, "How often the built-in UUID source polls the kernel for new sockets while a captured flow waits for its UUID (standalone mode).")
 	fs.StringVar(&c.LogLevel, "log.level", c.LogLevel, "The least important log level printed: debug, info, warn or error.")
 	return fs
 }
