@@ -44,6 +44,7 @@ type pollingReader struct {
 	fd       int
 	cancelFD int // an eventfd written when ctx is done, to end a poll(2)
 	stop     func() bool
+	fired    chan struct{} // closed when the AfterFunc has written
 	wait     time.Duration // the next sleep
 	timer    *time.Timer
 	lastData time.Time
@@ -69,8 +70,9 @@ func newPollingReader(ctx context.Context, conn net.Conn) (io.ReadCloser, error)
 		f.Close()
 		return nil, os.NewSyscallError("eventfd", err)
 	}
-	r := &pollingReader{ctx: ctx, f: f, fd: int(f.Fd()), cancelFD: efd, wait: readGap}
+	r := &pollingReader{ctx: ctx, f: f, fd: int(f.Fd()), cancelFD: efd, wait: readGap, fired: make(chan struct{})}
 	r.stop = context.AfterFunc(ctx, func() {
+		defer close(r.fired)
 		var one [8]byte
 		binary.NativeEndian.PutUint64(one[:], 1)
 		unix.Write(efd, one[:]) // cannot fail but for a full counter
@@ -79,7 +81,11 @@ func newPollingReader(ctx context.Context, conn net.Conn) (io.ReadCloser, error)
 }
 
 func (r *pollingReader) Close() error {
-	r.stop()
+	if !r.stop() {
+		// The write to the eventfd has started: let it end before the
+		// descriptor is closed (and its number perhaps reused).
+		<-r.fired
+	}
 	if r.timer != nil {
 		r.timer.Stop()
 	}
