@@ -147,6 +147,10 @@ type Demuxer struct {
 	// receives when a flow becomes pending (see HasPending).
 	hasPending  atomic.Bool
 	pendingWake chan struct{}
+	// epoch is the origin of the pending flows' deadlines, which are
+	// monotonic: a step of the wall clock neither drops every pending flow
+	// nor keeps them longer.
+	epoch time.Time
 
 	missedPending prometheus.Counter
 	shedMaxFlows  prometheus.Counter
@@ -188,8 +192,13 @@ func New(cfg Config) *Demuxer {
 		uuidTimedOut:  m.SaverErrors.WithLabelValues("uuidtimedout"),
 		heapSample:    []metrics.Sample{{Name: "/gc/heap/live:bytes"}},
 		pendingWake:   make(chan struct{}, 1),
+		epoch:         time.Now(),
 	}
 }
+
+// clock returns t as nanoseconds since the demuxer's epoch, on the monotonic
+// clock (t must come from time.Now or a ticker).
+func (d *Demuxer) clock(t time.Time) int64 { return int64(t.Sub(d.epoch)) }
 
 // HasPending reports whether any flow is waiting for its UUID. It is safe
 // for concurrent use: a UUID source that polls (kernelsource) polls only
@@ -230,7 +239,7 @@ func (d *Demuxer) Run(ctx context.Context, packets <-chan *flow.Batch, events <-
 		case <-gc.C:
 			d.GC()
 		case now := <-sweep.C:
-			d.expirePending(now.UnixNano())
+			d.expirePending(d.clock(now))
 			d.checkHeap()
 		case <-ctx.Done():
 			events = nil
@@ -260,7 +269,7 @@ func (d *Demuxer) Packet(p flow.Packet) {
 			d.cfg.Metrics.DemuxerIgnored.Inc()
 			return
 		}
-		e = d.newPending(p.Key, time.Now().UnixNano())
+		e = d.newPending(p.Key, d.clock(time.Now()))
 	}
 	e.gen = d.gen
 	if e.named != nil {
@@ -330,9 +339,11 @@ func (d *Demuxer) Open(ev Open) {
 	case e.named != nil:
 		if e.named.UUID != ev.UUID {
 			// A new socket on the 4-tuple before the old one sent a
-			// packet: the old flow ends without packets.
+			// packet: the old flow ends without packets, and the new
+			// one waits as long as a newly named flow.
 			d.cfg.Saver.CountNoPackets()
 			e.named = &ev
+			e.gen = d.gen
 		}
 	case e.saver == nil:
 		d.startSaver(e, ev)

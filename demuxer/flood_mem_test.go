@@ -274,3 +274,31 @@ func TestHasPending(t *testing.T) {
 	}
 	d.Flush()
 }
+
+// TestRenamedFlowWaitsAFullFlowTimeout: a new UUID on a 4-tuple still
+// waiting for its first packet waits one to two FlowTimeouts from then, not
+// from the old UUID.
+func TestRenamedFlowWaitsAFullFlowTimeout(t *testing.T) {
+	m := metrics.New(prometheus.NewRegistry())
+	dir := t.TempDir()
+	d := New(Config{
+		FlowTimeout: time.Hour, UUIDWait: time.Hour,
+		Saver:   &saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m},
+		Metrics: m,
+	})
+	v4 := readPackets(t, "v4.pcap")
+	d.Open(Open{Key: v4[0].Key, UUID: "old", Time: opened})
+	d.GC() // "old" has waited one tick
+	d.Open(Open{Key: v4[0].Key, UUID: "new", Time: opened})
+	d.GC() // "new" has waited one tick: it stays
+	if len(d.flows) != 1 {
+		t.Fatalf("the renamed flow was collected one tick after its Open")
+	}
+	for _, p := range v4 {
+		d.Packet(p)
+	}
+	d.Flush()
+	if _, err := os.Stat(saver.DatePath(dir, "new", opened)); err != nil {
+		t.Errorf("the renamed flow was not saved under its new UUID: %v", err)
+	}
+}

@@ -4,7 +4,7 @@ package demuxer
 // bytes: the flow's key is in its entry (entry.first.Key).
 type pendingRef struct {
 	e        *entry
-	deadline int64 // unix ns
+	deadline int64 // ns since the demuxer's epoch (Demuxer.clock)
 }
 
 // refQueue is a FIFO of pendingRefs in a ring buffer: pushing and popping

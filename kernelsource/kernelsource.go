@@ -159,6 +159,10 @@ func New(cfg Config, out chan<- demuxer.Open) (*Source, error) {
 	if cfg.Interval == 0 {
 		cfg.Interval = DefaultInterval
 	}
+	if cfg.Needed != nil && cfg.Wake == nil {
+		// Polling would pause and never resume.
+		return nil, errors.New("kernelsource: Config.Needed without Config.Wake")
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}

@@ -4,6 +4,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/m-lab/packet-headers/demuxer"
 )
 
 // TestPollsOnlyWhileNeeded: with Config.Needed, the Source dumps once at
@@ -41,5 +43,12 @@ func TestPollsOnlyWhileNeeded(t *testing.T) {
 	h.take(300 * time.Millisecond)
 	if n := h.polls(t) - before; n > 1 {
 		t.Errorf("%d dumps after nothing needed a UUID any more", n)
+	}
+}
+
+// TestNeededWithoutWakeRefused: polling that could pause could never resume.
+func TestNeededWithoutWakeRefused(t *testing.T) {
+	if _, err := New(Config{Needed: func() bool { return false }}, make(chan demuxer.Open)); err == nil {
+		t.Error("New accepted Needed without Wake")
 	}
 }

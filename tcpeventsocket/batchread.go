@@ -40,8 +40,7 @@ const (
 // pollingReader reads a socket as described above.
 type pollingReader struct {
 	ctx      context.Context
-	f        *os.File
-	fd       int
+	fd       int // the socket's duplicate, outside the runtime's poller
 	cancelFD int // an eventfd written when ctx is done, to end a poll(2)
 	stop     func() bool
 	fired    chan struct{} // closed when the AfterFunc has written
@@ -58,19 +57,30 @@ func newPollingReader(ctx context.Context, conn net.Conn) (io.ReadCloser, error)
 	if !ok {
 		return conn, nil // not a socket (a test's pipe): read it the usual way
 	}
-	// File duplicates the descriptor; closing conn then takes the socket
-	// out of the poller, and the duplicate still reads it.
-	f, err := uc.File()
-	conn.Close()
+	// Duplicate the descriptor with fcntl, not with uc.File, whose
+	// os.File would register the duplicate with the poller again; closing
+	// conn then takes the socket out of the poller, and the duplicate
+	// still reads it.
+	rc, err := uc.SyscallConn()
 	if err != nil {
+		conn.Close()
 		return nil, err
+	}
+	fd := -1
+	cerr := rc.Control(func(s uintptr) { fd, err = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) })
+	conn.Close()
+	if cerr != nil {
+		return nil, cerr
+	}
+	if err != nil {
+		return nil, os.NewSyscallError("fcntl", err)
 	}
 	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
 	if err != nil {
-		f.Close()
+		unix.Close(fd)
 		return nil, os.NewSyscallError("eventfd", err)
 	}
-	r := &pollingReader{ctx: ctx, f: f, fd: int(f.Fd()), cancelFD: efd, wait: readGap, fired: make(chan struct{})}
+	r := &pollingReader{ctx: ctx, fd: fd, cancelFD: efd, wait: readGap, fired: make(chan struct{})}
 	r.stop = context.AfterFunc(ctx, func() {
 		defer close(r.fired)
 		var one [8]byte
@@ -90,7 +100,7 @@ func (r *pollingReader) Close() error {
 		r.timer.Stop()
 	}
 	unix.Close(r.cancelFD)
-	return r.f.Close()
+	return unix.Close(r.fd)
 }
 
 func (r *pollingReader) Read(p []byte) (int, error) {

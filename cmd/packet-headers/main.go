@@ -110,6 +110,9 @@ type daemon struct {
 	packets  chan *flow.Batch
 	events   chan demuxer.Open
 	source   uuidSource
+	// stopping is closed when the UUID source and the demuxer stop, so
+	// that an event handler blocked on a full events channel gives up.
+	stopping chan struct{}
 }
 
 // uuidSource tells the demuxer the UUIDs of flows until ctx is done.
@@ -151,6 +154,7 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 	}
 	d.packets = make(chan *flow.Batch, 256)
 	d.events = make(chan demuxer.Open, 1024)
+	d.stopping = make(chan struct{})
 	d.demux = demuxer.New(demuxer.Config{
 		FlowTimeout: cfg.FlowTimeout,
 		UUIDWait:    cfg.UUIDWait,
@@ -204,7 +208,7 @@ func (d *daemon) stopCaptures() {
 
 func (d *daemon) newUUIDSource() (uuidSource, error) {
 	if d.cfg.EventSocket != "" {
-		c := tcpeventsocket.New(d.cfg.EventSocket, eventHandler{d.events}, d.m, d.log)
+		c := tcpeventsocket.New(d.cfg.EventSocket, eventHandler{d.events, d.stopping}, d.m, d.log)
 		c.SkipClose = true // flows end by going idle or by -captureduration
 		return c, nil
 	}
@@ -225,12 +229,20 @@ func (d *daemon) newUUIDSource() (uuidSource, error) {
 	return src, nil
 }
 
-// eventHandler passes tcp-info's Open events to the demuxer.
-type eventHandler struct{ out chan<- demuxer.Open }
+// eventHandler passes tcp-info's Open events to the demuxer, until done is
+// closed: the demuxer stops reading events then, and a handler blocked on a
+// full channel would keep the client, and the daemon's shutdown, waiting.
+type eventHandler struct {
+	out  chan<- demuxer.Open
+	done <-chan struct{}
+}
 
 func (h eventHandler) Event(ev tcpeventsocket.Event) {
 	if ev.Kind == tcpeventsocket.Open {
-		h.out <- demuxer.Open{Key: ev.Key, UUID: ev.UUID, Time: ev.Time}
+		select {
+		case h.out <- demuxer.Open{Key: ev.Key, UUID: ev.UUID, Time: ev.Time}:
+		case <-h.done:
+		}
 	}
 }
 
@@ -263,6 +275,7 @@ func (d *daemon) run(ctx context.Context) error {
 	// so that flows in their last moments still get named and saved.
 	runCtx, stopRun := context.WithCancel(context.Background())
 	defer stopRun()
+	context.AfterFunc(runCtx, func() { close(d.stopping) })
 	wg.Go(func() {
 		<-ctx.Done()
 		d.log.Info("signal received; stopping", "sigtermwait", d.cfg.SigtermWait)
