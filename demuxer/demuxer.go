@@ -396,7 +396,7 @@ func (d *Demuxer) GC() {
 		delete(d.flows, k)
 	}
 	d.gen++
-	d.compactFIFO()
+	d.fifo.shrink()
 	d.gauges()
 	d.cfg.Metrics.DemuxerGCLatency.Observe(time.Since(start).Seconds())
 }
@@ -410,7 +410,7 @@ func (d *Demuxer) expirePending(now int64) {
 		}
 		d.popPending(d.droppedWait)
 	}
-	d.compactFIFO()
+	d.fifo.shrink()
 	d.gauges()
 }
 
@@ -458,9 +458,6 @@ func (d *Demuxer) dropPending(e *entry, reason prometheus.Counter) {
 	e.release(nil)
 	d.npending--
 }
-
-// compactFIFO returns the FIFO's memory after a flood.
-func (d *Demuxer) compactFIFO() { d.fifo.shrink() }
 
 // checkHeap samples the heap for the -maxheap limit: the live heap as of the
 // last garbage collection, which, unlike the heap in use, does not swing

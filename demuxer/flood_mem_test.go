@@ -16,15 +16,41 @@ import (
 	"github.com/m-lab/packet-headers/saver"
 )
 
-// synFlood feeds n SYNs from distinct spoofed sources into d.
-func synFlood(d *Demuxer, n int) {
+// manualDemuxer is a demuxer driven directly by the test (no Run), with
+// timeouts long enough that only the test's own calls expire anything;
+// tweak adjusts the config. It returns the demuxer, its metrics and its data
+// directory.
+func manualDemuxer(t *testing.T, tweak func(*Config)) (*Demuxer, *metrics.Metrics, string) {
+	m := metrics.New(prometheus.NewRegistry())
+	dir := t.TempDir()
+	cfg := Config{
+		FlowTimeout: time.Hour, UUIDWait: time.Hour,
+		Saver:   &saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m},
+		Metrics: m,
+	}
+	if tweak != nil {
+		tweak(&cfg)
+	}
+	return New(cfg), m, dir
+}
+
+// tcpFrame returns an Ethernet + IPv4 + TCP header (58 bytes) to
+// 198.18.0.1 with the given TCP flags; callers fill in the source address
+// and ports.
+func tcpFrame(flags byte) []byte {
 	raw := make([]byte, 58)
 	binary.BigEndian.PutUint16(raw[12:], 0x0800)
 	raw[14] = 0x45
 	raw[14+9] = 6
 	binary.BigEndian.PutUint32(raw[14+16:], 0xC6120001) // 198.18.0.1
 	raw[14+20+12] = 6 << 4
-	raw[14+20+13] = 0x02 // SYN
+	raw[14+20+13] = flags
+	return raw
+}
+
+// synFlood feeds n SYNs from distinct spoofed sources into d.
+func synFlood(d *Demuxer, n int) {
+	raw := tcpFrame(0x02) // SYN
 	var b flow.Builder
 	for i := 0; i < n; i++ {
 		binary.BigEndian.PutUint32(raw[14+12:], 0xC6128000|uint32(i)) // 198.18.128.0/17 and beyond
@@ -41,13 +67,7 @@ func synFlood(d *Demuxer, n int) {
 // will never be named, keeps at most MaxPending flows, evicting the oldest,
 // and its heap stays bounded whatever the flood's length.
 func TestSYNFloodMemoryBounded(t *testing.T) {
-	m := metrics.New(prometheus.NewRegistry())
-	d := New(Config{
-		FlowTimeout: time.Hour,
-		UUIDWait:    time.Hour, // only the limit evicts
-		Saver:       &saver.Config{Dir: t.TempDir(), CaptureDuration: time.Hour, Metrics: m},
-		Metrics:     m,
-	})
+	d, m, _ := manualDemuxer(t, nil) // only the limit evicts
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
@@ -85,12 +105,7 @@ func TestSYNFloodMemoryBounded(t *testing.T) {
 // TestEvictionKeepsYoungerPending: at the limit, only the oldest pending
 // flow is dropped.
 func TestEvictionKeepsYoungerPending(t *testing.T) {
-	m := metrics.New(prometheus.NewRegistry())
-	d := New(Config{
-		FlowTimeout: time.Hour, UUIDWait: time.Hour, MaxPending: 2,
-		Saver:   &saver.Config{Dir: t.TempDir(), CaptureDuration: time.Hour, Metrics: m},
-		Metrics: m,
-	})
+	d, m, _ := manualDemuxer(t, func(c *Config) { c.MaxPending = 2 })
 	synFlood(d, 3)
 	if d.npending != 2 || len(d.flows) != 2 {
 		t.Errorf("after 3 flows with room for 2: %d pending, %d in the table", d.npending, len(d.flows))
@@ -106,21 +121,9 @@ func TestEvictionKeepsYoungerPending(t *testing.T) {
 // nothing crashes.
 func TestMaxHeapSheds(t *testing.T) {
 	const budget = 24 << 20
-	m := metrics.New(prometheus.NewRegistry())
-	d := New(Config{
-		FlowTimeout: time.Hour, UUIDWait: time.Hour,
-		MaxPending: 100_000,
-		MaxHeap:    budget,
-		Saver:      &saver.Config{Dir: t.TempDir(), CaptureDuration: time.Hour, Metrics: m},
-		Metrics:    m,
-	})
+	d, m, _ := manualDemuxer(t, func(c *Config) { c.MaxPending, c.MaxHeap = 100_000, budget })
 	v4 := readPackets(t, "v4.pcap")
-	raw := make([]byte, 58)
-	binary.BigEndian.PutUint16(raw[12:], 0x0800)
-	raw[14] = 0x45
-	raw[14+9] = 6
-	binary.BigEndian.PutUint32(raw[14+16:], 0xC6120001)
-	raw[14+20+12] = 6 << 4
+	raw := tcpFrame(0)
 	var b flow.Builder
 	var peak uint64
 	var ms runtime.MemStats
@@ -171,24 +174,12 @@ func TestMaxHeapSheds(t *testing.T) {
 // ones that never get one are counted as flows without packets, as a saver
 // would count them.
 func TestOpensWithoutPacketsStartNoGoroutine(t *testing.T) {
-	m := metrics.New(prometheus.NewRegistry())
-	dir := t.TempDir()
-	d := New(Config{
-		FlowTimeout: time.Hour, UUIDWait: time.Hour,
-		Saver:   &saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m},
-		Metrics: m,
-	})
+	d, m, dir := manualDemuxer(t, nil)
 	const opens = 10_000
 	before := runtime.NumGoroutine()
 	keys := make([]flow.Key, opens)
 	var b flow.Builder
-	raw := make([]byte, 58)
-	binary.BigEndian.PutUint16(raw[12:], 0x0800)
-	raw[14] = 0x45
-	raw[14+9] = 6
-	binary.BigEndian.PutUint32(raw[14+16:], 0xC6120001)
-	raw[14+20+12] = 6 << 4
-	raw[14+20+13] = 0x10 // ACK
+	raw := tcpFrame(0x10) // ACK
 	packet := func(i int) flow.Packet {
 		binary.BigEndian.PutUint32(raw[14+12:], 0xC6120002)
 		binary.BigEndian.PutUint16(raw[14+20:], uint16(1024+i))
@@ -238,12 +229,7 @@ func TestOpensWithoutPacketsStartNoGoroutine(t *testing.T) {
 // TestHasPending: HasPending and PendingWake follow the flows waiting for a
 // UUID, for a UUID source that polls only while one waits.
 func TestHasPending(t *testing.T) {
-	m := metrics.New(prometheus.NewRegistry())
-	d := New(Config{
-		FlowTimeout: time.Hour, UUIDWait: time.Hour,
-		Saver:   &saver.Config{Dir: t.TempDir(), CaptureDuration: time.Hour, Metrics: m},
-		Metrics: m,
-	})
+	d, _, _ := manualDemuxer(t, nil)
 	if d.HasPending() {
 		t.Error("HasPending before any packet")
 	}
@@ -279,13 +265,7 @@ func TestHasPending(t *testing.T) {
 // waiting for its first packet waits one to two FlowTimeouts from then, not
 // from the old UUID.
 func TestRenamedFlowWaitsAFullFlowTimeout(t *testing.T) {
-	m := metrics.New(prometheus.NewRegistry())
-	dir := t.TempDir()
-	d := New(Config{
-		FlowTimeout: time.Hour, UUIDWait: time.Hour,
-		Saver:   &saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m},
-		Metrics: m,
-	})
+	d, _, dir := manualDemuxer(t, nil)
 	v4 := readPackets(t, "v4.pcap")
 	d.Open(Open{Key: v4[0].Key, UUID: "old", Time: opened})
 	d.GC() // "old" has waited one tick
