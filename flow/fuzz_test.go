@@ -74,12 +74,28 @@ func FuzzParse(f *testing.F) {
 		if h.L4+20 > len(data) {
 			t.Fatalf("TCP fixed header at %d past the %d bytes: %+v", h.L4, len(data), h)
 		}
-		if n := h.End - h.L4; n < 20 || n > 60 || n%4 != 0 {
-			t.Fatalf("TCP header length %d: %+v", n, h)
-		}
 		ipLen := 20
 		if h.IPv6 {
 			ipLen = 40
+		}
+		// End is the end of the TCP header, or of the IP datagram if that
+		// comes first, and the datagram holds the TCP fixed header.
+		tcpEnd := h.L4 + int(data[h.L4+12]>>4)*4
+		lenField := binary.BigEndian.Uint16(data[h.L3+2:])
+		ipEnd := h.L3 + int(lenField)
+		if h.IPv6 {
+			lenField = binary.BigEndian.Uint16(data[h.L3+4:])
+			ipEnd = h.L3 + 40 + int(lenField)
+		}
+		wantEnd := tcpEnd
+		if lenField != 0 { // 0: no length (BIG TCP, jumbograms)
+			if ipEnd < h.L4+20 {
+				t.Fatalf("IP datagram ends at %d, inside the TCP fixed header: %+v", ipEnd, h)
+			}
+			wantEnd = min(tcpEnd, ipEnd)
+		}
+		if h.End != wantEnd || h.End-h.L4 < 20 || h.End-h.L4 > 60 {
+			t.Fatalf("End %d, want %d (TCP header to %d, IP datagram to %d): %+v", h.End, wantEnd, tcpEnd, ipEnd, h)
 		}
 		if h.L4-h.L3 < ipLen {
 			t.Fatalf("IP header of %d bytes: %+v", h.L4-h.L3, h)

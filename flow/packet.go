@@ -10,7 +10,8 @@ import (
 // Data always holds an Ethernet frame (a synthetic Ethernet header is put in
 // front of packets captured on other link types, because the downstream
 // reader decodes every record as Ethernet), from its first byte through the
-// end of the TCP header at most: never a byte of TCP payload. Ownership of
+// end of the TCP header at most, and never past the end of the IP datagram
+// (Header.End): never a byte of TCP payload, nor of Ethernet padding. Ownership of
 // Data passes with the Packet: whoever receives it may modify it in place (the
 // saver anonymizes addresses there) and nobody else touches it afterwards.
 type Packet struct {
@@ -59,6 +60,7 @@ func (b *Builder) BuildInto(p *Packet, data []byte, link LinkType, ts int64, ori
 	if err != nil {
 		return h, err
 	}
+	// h.End is already cut at the end of the IP datagram.
 	end := min(h.End, len(data))
 	ethHdr := 0
 	if link != LinkEthernet {

@@ -39,8 +39,11 @@ var (
 type Header struct {
 	Key Key
 	// L3 is the offset of the IP header, L4 the offset of the TCP header and
-	// End the offset just past the TCP header (options included). End may be
-	// larger than the number of bytes captured when the capture was cut short.
+	// End where the packet's record ends: just past the TCP header (options
+	// included), or at the end of the IP datagram if that comes first, so
+	// that Ethernet padding and bytes beyond a (malformed) datagram's length
+	// are never part of it. End may be larger than the number of bytes
+	// captured when the capture was cut short.
 	L3, L4, End int
 	// IPv6 is true for IPv6 packets.
 	IPv6 bool
@@ -169,7 +172,7 @@ func parseIPv4(h *Header, data []byte, l3 int) error {
 	if binary.BigEndian.Uint16(data[l3+6:])&0x1fff != 0 {
 		return ErrFragment
 	}
-	if err := parseTCP(h, data, l3+ihl); err != nil {
+	if err := parseTCP(h, data, l3+ihl, datagramEnd(l3, binary.BigEndian.Uint16(data[l3+2:]))); err != nil {
 		return err
 	}
 	h.Key = MakeKey(data[l3+12:l3+16], h.srcPort(data), data[l3+16:l3+20], h.dstPort(data))
@@ -209,7 +212,7 @@ func parseIPv6(h *Header, data []byte, l3 int) error {
 			return ErrNotTCP
 		}
 	}
-	if err := parseTCP(h, data, off); err != nil {
+	if err := parseTCP(h, data, off, datagramEnd(l3+40, binary.BigEndian.Uint16(data[l3+4:]))); err != nil {
 		return err
 	}
 	h.Key = MakeKey(data[l3+8:l3+24], h.srcPort(data), data[l3+24:l3+40], h.dstPort(data))
@@ -218,8 +221,23 @@ func parseIPv6(h *Header, data []byte, l3 int) error {
 	return nil
 }
 
-// parseTCP checks the TCP fixed header at l4 and fills L4 and End.
-func parseTCP(h *Header, data []byte, l4 int) error {
+// datagramEnd returns the offset where an IP datagram ends, from the offset
+// its length field counts from and the field's value; -1 if the field is 0,
+// which says nothing: Linux writes 0 in the IPv4 total length and in the IPv6
+// payload length of GSO packets over 64 KiB (BIG TCP), and an IPv6 jumbogram
+// carries its length in a hop-by-hop option instead.
+func datagramEnd(from int, length uint16) int {
+	if length == 0 {
+		return -1
+	}
+	return from + int(length)
+}
+
+// parseTCP checks the TCP fixed header at l4 and fills L4 and End. ipEnd is
+// where the IP datagram ends (see datagramEnd). A datagram too short to hold
+// the TCP fixed header is malformed: the ports and the checksum would be read
+// from bytes that are not part of it (Ethernet padding, or nothing).
+func parseTCP(h *Header, data []byte, l4, ipEnd int) error {
 	if len(data) < l4+20 {
 		return ErrTruncated
 	}
@@ -227,7 +245,17 @@ func parseTCP(h *Header, data []byte, l4 int) error {
 	if doff < 20 {
 		return ErrMalformed
 	}
-	h.L4, h.End = l4, l4+doff
+	end := l4 + doff
+	if ipEnd >= 0 {
+		if ipEnd < l4+20 {
+			return ErrMalformed
+		}
+		// A data offset that reaches past the datagram (into the padding
+		// of a short Ethernet frame, say) does not take the record with
+		// it.
+		end = min(end, ipEnd)
+	}
+	h.L4, h.End = l4, end
 	return nil
 }
 

@@ -659,3 +659,155 @@ func BenchmarkParseIPv4(b *testing.B) { benchmarkParse(b, "v4.pcap") }
 
 // BenchmarkParseIPv6 parses each packet of a real IPv6 connection per op.
 func BenchmarkParseIPv6(b *testing.B) { benchmarkParse(b, "v6.pcap") }
+
+// TestParseDatagramEnd checks that a record ends where the IP datagram ends
+// when the TCP data offset reaches past it (Ethernet padding of a short
+// frame, a trailer, or a malformed length), and that a datagram too short
+// for the TCP fixed header is refused rather than read from the padding.
+func TestParseDatagramEnd(t *testing.T) {
+	const pad = 0xEE // the padding bytes, to spot them in a record
+	// frame returns an Ethernet frame of an IPv4 or IPv6 TCP packet with
+	// optLen bytes of TCP options and no payload, followed by trailer
+	// bytes of padding, and the offset of its TCP header.
+	frame := func(v6 bool, optLen, trailer int) ([]byte, int) {
+		var ls []gopacket.SerializableLayer
+		var ip gopacket.NetworkLayer
+		l4 := 34
+		if v6 {
+			ip, l4 = ip6(layers.IPProtocolTCP), 54
+			ls = stack(ether(layers.EthernetTypeIPv6), ip.(gopacket.SerializableLayer))
+		} else {
+			ip = ip4(layers.IPProtocolTCP)
+			ls = stack(ether(layers.EthernetTypeIPv4), ip.(gopacket.SerializableLayer))
+		}
+		data := serialize(t, append(ls, tcpOver(t, ip, optLen))...)
+		// gopacket pads a short frame to 60 bytes with zeros; the test
+		// pads it itself, with bytes it can spot.
+		data = data[:l4+20+optLen]
+		return append(data, bytes.Repeat([]byte{pad}, trailer)...), l4
+	}
+	// setDoff sets the TCP data offset, in bytes.
+	setDoff := func(data []byte, l4, doff int) { data[l4+12] = byte(doff/4) << 4 }
+	// setLen sets the IPv4 total length or the IPv6 payload length.
+	setLen := func(data []byte, v6 bool, n int) {
+		if v6 {
+			binary.BigEndian.PutUint16(data[14+4:], uint16(n))
+		} else {
+			binary.BigEndian.PutUint16(data[14+2:], uint16(n))
+		}
+	}
+
+	type testCase struct {
+		name    string
+		data    []byte
+		wantEnd int   // End, if wantErr is nil
+		wantErr error // nil: parses
+	}
+	var cases []testCase
+	for _, v6 := range []bool{false, true} {
+		name := "ipv4 "
+		ipLen := 20 // the IP header; the length field's base is 0 for IPv4
+		lenBase := 0
+		if v6 {
+			name, ipLen, lenBase = "ipv6 ", 40, 40
+		}
+		// A short packet in a 60-byte frame (IPv4: 54 bytes and 6 of
+		// padding; IPv6 frames are never short, so a 6-byte trailer as
+		// a capture with the FCS or a NIC trailer has), its data offset
+		// 24 bytes: 4 bytes into the padding.
+		{
+			data, l4 := frame(v6, 0, 6)
+			setDoff(data, l4, 24)
+			if !v6 && len(data) != 60 {
+				t.Fatalf("padded frame of %d bytes, want 60", len(data))
+			}
+			cases = append(cases, testCase{name + "data offset into the padding", data, l4 + 20, nil})
+		}
+		// The largest data offset, 60, past the end of the frame.
+		{
+			data, l4 := frame(v6, 0, 6)
+			setDoff(data, l4, 60)
+			cases = append(cases, testCase{name + "data offset 60 past the frame", data, l4 + 20, nil})
+		}
+		// Well-formed, padded: the record is the whole TCP header.
+		{
+			data, l4 := frame(v6, 0, 6)
+			cases = append(cases, testCase{name + "padded, well-formed", data, l4 + 20, nil})
+		}
+		// A length that ends inside the TCP options cuts them there.
+		{
+			data, l4 := frame(v6, 12, 6)
+			setLen(data, v6, ipLen+24-lenBase)
+			cases = append(cases, testCase{name + "length ends inside the TCP options", data, l4 + 24, nil})
+		}
+		// A length past the captured bytes (a capture cut by the snaplen,
+		// or a lie) does not matter: the TCP header ends first.
+		{
+			data, l4 := frame(v6, 12, 0)
+			setLen(data, v6, 1400)
+			cases = append(cases, testCase{name + "length past the captured bytes", data, l4 + 32, nil})
+		}
+		// A zero length (BIG TCP GSO packets, IPv6 jumbograms) says
+		// nothing; the data offset decides.
+		{
+			data, l4 := frame(v6, 12, 6)
+			setLen(data, v6, 0)
+			cases = append(cases, testCase{name + "zero length", data, l4 + 32, nil})
+		}
+		// Lengths too short for the TCP fixed header: malformed.
+		for _, n := range []int{ipLen + 19, ipLen + 1, ipLen, 1} {
+			if n-lenBase <= 0 {
+				continue
+			}
+			data, _ := frame(v6, 0, 6)
+			setLen(data, v6, n-lenBase)
+			cases = append(cases, testCase{fmt.Sprintf("%slength %d", name, n-lenBase), data, 0, ErrMalformed})
+		}
+	}
+	// IPv6: a payload length that ends inside the extension headers.
+	{
+		ip := ip6(layers.IPProtocolIPv6Destination)
+		data := serialize(t, ether(layers.EthernetTypeIPv6), ip, ext6(layers.IPProtocolTCP, 1), tcpOver(t, ip, 0))
+		binary.BigEndian.PutUint16(data[14+4:], 16+10)
+		cases = append(cases, testCase{"ipv6 length ends inside the TCP fixed header after extension headers", data, 0, ErrMalformed})
+	}
+
+	var b Builder
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			h, err := Parse(tc.data, LinkEthernet)
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("Parse error = %v, want %v", err, tc.wantErr)
+			}
+			p, _, berr := b.Build(tc.data, LinkEthernet, testTime, len(tc.data))
+			if !errors.Is(berr, tc.wantErr) {
+				t.Fatalf("Build error = %v, want %v", berr, tc.wantErr)
+			}
+			if err != nil {
+				return
+			}
+			if h.End != tc.wantEnd {
+				t.Errorf("End = %d, want %d", h.End, tc.wantEnd)
+			}
+			// The record is the frame up to End, every byte of it, and
+			// has no padding byte in it.
+			if diff := cmp.Diff(tc.data[:tc.wantEnd], p.Data); diff != "" {
+				t.Errorf("record mismatch (-want +got):\n%s", diff)
+			}
+			if bytes.IndexByte(p.Data, pad) >= 0 {
+				t.Errorf("record % x holds padding", p.Data)
+			}
+			if int(p.Len) != len(tc.data) {
+				t.Errorf("Len = %d, want the frame's %d", p.Len, len(tc.data))
+			}
+			// It parses back to the same header.
+			rh, err := Parse(p.Data, LinkEthernet)
+			if err != nil {
+				t.Fatalf("record does not parse: %v", err)
+			}
+			if diff := cmp.Diff(h, rh, cmpKey); diff != "" {
+				t.Errorf("record parses to another header (-first +record):\n%s", diff)
+			}
+		})
+	}
+}
