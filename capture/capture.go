@@ -1,22 +1,49 @@
-// Package capture reads packets from network interfaces with libpcap, one
-// goroutine per interface, parses each packet once, copies only its header
+// Package capture reads packets from the kernel with AF_PACKET sockets and
+// their TPACKET_V3 rings, parses each packet once, copies only its header
 // bytes and hands them to the demuxer in batches.
+//
+// Without -interface, one socket captures every interface of the host (the
+// kernel's "any" binding), so that memory, idle CPU and start-up do not grow
+// with the number of interfaces and new interfaces are captured from their
+// first packet; the socket filter leaves out loopback and the ports of
+// bridges and bonds, whose packets the bridge or bond itself also carries.
+// With -interface, one socket per named interface.
+//
+// # Delay
+//
+// Each socket's goroutine sleeps in poll(2) until the kernel hands it a ring
+// block or it is told to stop or change its filter; an idle capture costs no
+// CPU. The kernel hands a block over when it is full or Timeout after its
+// first packet, whichever comes first. The goroutine then reads every block
+// that is ready, and hands each batch on when it is full or when the ring
+// has nothing more to read right now. So a packet reaches the demuxer at most
+// Timeout (100 ms by default) plus the time to read the ring after it was
+// captured, at one packet a second as at line rate.
+//
+// # Ownership
+//
+// Only the goroutine that runs an Interface touches its socket and ring:
+// filter changes and stops are handed to it through a mutex-guarded mailbox
+// and an eventfd that wakes its poll, and it closes the socket itself when it
+// ends.
 package capture
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
+	"net"
 	"net/netip"
+	"os"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 
-	"github.com/gopacket/gopacket"
-	"github.com/gopacket/gopacket/pcap"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 
 	"github.com/m-lab/packet-headers/flow"
 	"github.com/m-lab/packet-headers/metrics"
@@ -24,42 +51,51 @@ import (
 
 // Defaults of the capture settings.
 const (
-	// DefaultBufferSize is the kernel capture ring per interface. libpcap's
+	// DefaultBufferSize is the kernel capture ring per socket. libpcap's
 	// default is 2 MiB, about 7,000 packets of 300 bytes (snaplen 256 plus
 	// the ring's per-packet overhead): 25 ms at 300,000 packets/s, less than
 	// one scheduling hiccup of a busy two-core host, so the original lost
 	// packets in bursts. Measured with the live benchmark (4 bulk streams,
 	// about 280,000 packets/s on 2 cores, BENCHMARKS.md): 32 MiB still
 	// dropped 41,000-110,000 packets a run, 64 MiB and 128 MiB none. The
-	// kernel backs only the pages the ring has used.
+	// kernel allocates the whole ring when the socket opens, and it counts
+	// in the daemon's resident memory.
 	DefaultBufferSize = 64 << 20
-	// DefaultTimeout is how long libpcap waits to fill a ring block before
-	// handing over what it has: the longest a packet waits at a low packet
-	// rate, and how long a capture takes to notice that it should stop. Each
-	// wait is a blocking cgo call, and each one wakes the Go runtime's
-	// monitor thread for a while: an idle daemon spent 31 ms of CPU a
-	// second at 50 ms, 3 ms at 500 ms (BENCHMARKS.md). 250 ms keeps the
-	// delay well under -flowtimeout and -uuidwaitduration.
-	DefaultTimeout = 250 * time.Millisecond
-	// statsInterval is how often the kernel's drop counters are read.
+	// DefaultTimeout is the kernel's block timeout: the longest a packet
+	// waits in a ring block that is not full before the block is handed to
+	// the capture goroutine. It costs no CPU while no packet comes (the
+	// kernel hands over no empty block), so it is short: it bounds the delay
+	// at low packet rates and how long the drain at shutdown waits.
+	DefaultTimeout = 100 * time.Millisecond
+	// statsInterval is how often the kernel's drop counter is read while
+	// packets come.
 	statsInterval = time.Second
+	// drainMargin is added to the block timeout when draining at a stop,
+	// for the kernel's block timer to fire.
+	drainMargin = 50 * time.Millisecond
 )
 
-// Config holds the settings of every interface's capture.
+// Config holds the settings of every capture.
 type Config struct {
 	// Snaplen is the most bytes captured per packet (-maxheadersize).
 	Snaplen int
 	// BufferSize is the kernel ring size in bytes.
 	BufferSize int
-	// Timeout is libpcap's read timeout.
+	// Timeout is the kernel's block timeout; see DefaultTimeout.
 	Timeout time.Duration
 	Metrics *metrics.Metrics
 	Log     *slog.Logger
 }
 
-// Filter returns the BPF filter that captures the TCP packets to and from the
-// host's own addresses: "tcp and (host A or host B ...)", as the original.
-// With no address, it captures all TCP.
+func (cfg *Config) timeout() time.Duration {
+	if cfg.Timeout <= 0 {
+		return DefaultTimeout
+	}
+	return cfg.Timeout
+}
+
+// Filter describes the socket filter for logs and tests, in libpcap's
+// words: "tcp and (host A or host B ...)", or "tcp" with no address.
 func Filter(addrs []netip.Addr) string {
 	if len(addrs) == 0 {
 		return "tcp"
@@ -73,62 +109,68 @@ func Filter(addrs []netip.Addr) string {
 	return "tcp and (" + strings.Join(hosts, " or ") + ")"
 }
 
-// source is the part of a libpcap handle a capture uses; *pcap.Handle
-// implements it, and tests give a fake.
-type source interface {
-	ZeroCopyReadPacketData() ([]byte, gopacket.CaptureInfo, error)
-	Stats() (*pcap.Stats, error)
-	SetBPFFilter(string) error
-	Close()
-}
-
-// Interface captures on one network interface.
+// Interface captures on one packet socket: one interface, or every
+// interface (the name "any").
 type Interface struct {
 	name    string
-	link    flow.LinkType
-	h       source
+	ifindex int // 0 for every interface
+	src     ringSource
 	cfg     *Config
-	filter  string
 	log     *slog.Logger
 	packets prometheus.Counter
 	drops   prometheus.Gauge
 	ifdrops prometheus.Gauge
 	bad     map[error]prometheus.Counter
+
+	// The mailbox: what other goroutines ask of the reading goroutine.
+	mu        sync.Mutex
+	wake      int // eventfd; -1 once closed
+	newFilter []unix.SockFilter
+	stopAt    time.Time
+
+	// The reading goroutine's own state.
+	cur        int    // next ring block
+	totalDrops uint64 // kernel drops since open
+	ifdrop0    uint64 // the interface's rx_dropped at open
+	b          flow.Builder
+	batch      *flow.Batch
+	vlanBuf    []byte
 }
 
-// Open starts a capture on the interface name with the given BPF filter.
-// The caller must Run it (which closes it) or Close it.
-func Open(name, filter string, cfg *Config) (*Interface, error) {
-	ih, err := pcap.NewInactiveHandle(name)
-	if err != nil {
-		return nil, fmt.Errorf("open capture on %s: %w", name, err)
-	}
-	defer ih.CleanUp()
-	for _, step := range []struct {
-		what string
-		err  error
-	}{
-		{"snaplen", ih.SetSnapLen(cfg.Snaplen)},
-		{"promiscuous mode", ih.SetPromisc(false)},
-		{"timeout", ih.SetTimeout(cfg.Timeout)},
-		{"buffer size", ih.SetBufferSize(cfg.BufferSize)},
-	} {
-		if step.err != nil {
-			return nil, fmt.Errorf("open capture on %s: set %s: %w", name, step.what, step.err)
+// AnyInterface is the name of the capture on every interface.
+const AnyInterface = "any"
+
+// Open starts a capture on the interface name (AnyInterface: every
+// interface) with the socket filter prog. The caller must Run it (which
+// closes it) or Close it.
+func Open(name string, prog []unix.SockFilter, cfg *Config) (*Interface, error) {
+	ifindex := 0
+	if name != AnyInterface {
+		ifc, err := net.InterfaceByName(name)
+		if err != nil {
+			return nil, fmt.Errorf("open capture on %s: %w", name, err)
 		}
+		ifindex = ifc.Index
 	}
-	h, err := ih.Activate()
+	s, err := openPacketSocket(ifindex, cfg.BufferSize, cfg.timeout(), prog)
 	if err != nil {
 		return nil, fmt.Errorf("open capture on %s: %w", name, err)
 	}
-	if err := h.SetBPFFilter(filter); err != nil {
-		h.Close()
-		return nil, fmt.Errorf("set filter %q on %s: %w", filter, name, err)
+	c, err := newInterface(name, ifindex, s, cfg)
+	if err != nil {
+		if cerr := s.close(); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+		return nil, err
 	}
-	return newInterface(name, flow.LinkType(h.LinkType()), h, filter, cfg), nil
+	return c, nil
 }
 
-func newInterface(name string, link flow.LinkType, h source, filter string, cfg *Config) *Interface {
+func newInterface(name string, ifindex int, src ringSource, cfg *Config) (*Interface, error) {
+	wake, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("open capture on %s: eventfd: %w", name, err)
+	}
 	log := cfg.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -136,20 +178,21 @@ func newInterface(name string, link flow.LinkType, h source, filter string, cfg 
 	m := cfg.Metrics
 	c := &Interface{
 		name:    name,
-		link:    link,
-		h:       h,
+		ifindex: ifindex,
+		src:     src,
 		cfg:     cfg,
-		filter:  filter,
+		wake:    wake,
 		log:     log.With("interface", name),
 		packets: m.PacketsCaptured.WithLabelValues(name),
 		drops:   m.KernelDrops.WithLabelValues(name),
 		ifdrops: m.InterfaceDrops.WithLabelValues(name),
 		bad:     map[error]prometheus.Counter{},
 	}
+	c.ifdrop0, _ = c.interfaceDrops()
 	for _, e := range []error{flow.ErrTruncated, flow.ErrNotIP, flow.ErrNotTCP, flow.ErrFragment, flow.ErrMalformed, flow.ErrLinkType, flow.ErrTooManyExt} {
 		c.bad[e] = m.BadPackets.WithLabelValues(reason(e))
 	}
-	return c
+	return c, nil
 }
 
 // reason names a parse error for the metric label.
@@ -176,119 +219,270 @@ func reason(err error) string {
 // Name returns the interface's name.
 func (c *Interface) Name() string { return c.name }
 
-// SetFilter replaces the BPF filter, for when the host's addresses change.
-func (c *Interface) SetFilter(filter string) error {
-	if filter == c.filter {
+// SetFilter hands a new socket filter to the reading goroutine, which
+// attaches it between two reads. It may be called from any goroutine, also
+// after the capture ended (it then does nothing).
+func (c *Interface) SetFilter(prog []unix.SockFilter) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.newFilter = prog
+	c.signal()
+}
+
+// Stop asks the reading goroutine to drain what the kernel captured until
+// now, hand it on and end. It may be called from any goroutine, any number
+// of times, also after the capture ended.
+func (c *Interface) Stop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.stopAt.IsZero() {
+		c.stopAt = time.Now()
+	}
+	c.signal()
+}
+
+// signal wakes the reading goroutine; c.mu is held.
+func (c *Interface) signal() {
+	if c.wake < 0 {
+		return
+	}
+	var one [8]byte
+	one[0] = 1 // host order on little-endian; any non-zero value wakes
+	if _, err := unix.Write(c.wake, one[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
+		c.log.Warn("wake capture", "err", err)
+	}
+}
+
+// Close releases an Interface that was opened but never Run.
+func (c *Interface) Close() error { return c.close() }
+
+func (c *Interface) close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var errs []error
+	if c.wake >= 0 {
+		errs = append(errs, unix.Close(c.wake))
+		c.wake = -1
+	}
+	if c.src != nil {
+		errs = append(errs, c.src.close())
+		c.src = nil
+	}
+	return errors.Join(errs...)
+}
+
+// mailbox takes what other goroutines asked for.
+func (c *Interface) mailbox() (filter []unix.SockFilter, stopAt time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	filter, c.newFilter = c.newFilter, nil
+	return filter, c.stopAt
+}
+
+// Run reads packets until ctx is done or Stop is called, or the interface
+// goes away, sending them to out in batches. It closes the socket before
+// returning. It returns nil when it was stopped, else the error that ended
+// it.
+//
+// When stopped, Run first drains what the kernel captured before then: a
+// packet becomes readable when its ring block is handed over, at the latest
+// one block timeout after it arrived, so Run reads on for that long (plus a
+// margin) before it closes. Sending to out blocks: the receiver must read
+// until every capture has returned.
+func (c *Interface) Run(ctx context.Context, out chan<- *flow.Batch) (err error) {
+	defer func() {
+		if cerr := c.close(); cerr != nil {
+			c.log.Warn("close capture", "err", cerr)
+		}
+	}()
+	unhook := context.AfterFunc(ctx, c.Stop)
+	defer unhook()
+	c.batch = flow.GetBatch()
+	defer func() {
+		c.send(out)
+		flow.PutBatch(c.batch)
+		c.batch = nil
+		c.readStats()
+	}()
+
+	var drainUntil time.Time
+	trafficSinceStats := false
+	nextStats := time.Now().Add(statsInterval)
+	pfd := []unix.PollFd{{Fd: int32(c.src.fd()), Events: unix.POLLIN}, {Fd: int32(c.wake), Events: unix.POLLIN}}
+	for {
+		filter, stopAt := c.mailbox()
+		if filter != nil {
+			if err := c.src.setFilter(filter); err != nil {
+				c.log.Warn("update filter", "err", err)
+			}
+		}
+		if !stopAt.IsZero() && drainUntil.IsZero() {
+			drainUntil = stopAt.Add(c.cfg.timeout() + drainMargin)
+		}
+		if c.readRing(out) > 0 {
+			trafficSinceStats = true
+		}
+		c.send(out)
+		now := time.Now()
+		if trafficSinceStats && !now.Before(nextStats) {
+			c.readStats()
+			trafficSinceStats = false
+			nextStats = now.Add(statsInterval)
+		}
+		if !drainUntil.IsZero() && !now.Before(drainUntil) {
+			// Everything captured before the stop has been handed over.
+			c.readRing(out)
+			return nil
+		}
+		wait := -1 // sleep until a packet or a message
+		if trafficSinceStats {
+			wait = msUntil(now, nextStats)
+		}
+		if !drainUntil.IsZero() {
+			if w := msUntil(now, drainUntil); wait < 0 || w < wait {
+				wait = w
+			}
+		}
+		pfd[0].Revents, pfd[1].Revents = 0, 0
+		if _, err := unix.Poll(pfd, wait); err != nil && !errors.Is(err, unix.EINTR) {
+			return fmt.Errorf("capture on %s: poll: %w", c.name, err)
+		}
+		if pfd[1].Revents&unix.POLLIN != 0 {
+			var buf [8]byte
+			if _, err := unix.Read(c.wake, buf[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
+				return fmt.Errorf("capture on %s: read eventfd: %w", c.name, err)
+			}
+		}
+		if pfd[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
+			if err := c.socketError(); err != nil {
+				c.readRing(out)
+				return err
+			}
+		}
+	}
+}
+
+// msUntil is the poll timeout, in whole milliseconds rounded up, from now
+// until t.
+func msUntil(now, t time.Time) int {
+	d := t.Sub(now)
+	if d <= 0 {
+		return 0
+	}
+	return int((d + time.Millisecond - 1) / time.Millisecond)
+}
+
+// socketError handles an error the socket reports: an interface that went
+// down stays captured (the kernel resumes when it comes up again); one that
+// went away ends the capture.
+func (c *Interface) socketError() error {
+	serr := c.src.sockErr()
+	if serr == nil {
 		return nil
 	}
-	if err := c.h.SetBPFFilter(filter); err != nil {
-		return fmt.Errorf("set filter %q on %s: %w", filter, c.name, err)
+	if c.ifindex == 0 {
+		c.log.Warn("capture socket error", "err", serr)
+		return nil
 	}
-	c.filter = filter
+	if _, err := net.InterfaceByIndex(c.ifindex); err != nil {
+		return fmt.Errorf("capture on %s: interface went away: %w", c.name, serr)
+	}
+	c.log.Info("interface went down; capture resumes when it comes up", "err", serr)
 	return nil
 }
 
-// Close closes the capture. It is safe to call while Run reads: the read
-// returns and Run ends.
-func (c *Interface) Close() { c.h.Close() }
-
-// Run reads packets until ctx is done or the interface fails (it went away),
-// sending them to out in batches. It closes the handle before returning. It
-// returns nil when ctx ended it, else the read error.
-//
-// When ctx is done, Run first drains what the kernel captured before then:
-// with libpcap's ring (TPACKET_V3), packets become readable only when their
-// block is handed over, at the latest one read timeout after they arrived,
-// so closing at once would lose the last packets of every flow in flight.
-// It reads on until a packet captured after the stop, or a read timeout a
-// full timeout after it; the handle is closed regardless after two
-// timeouts and a second. Sending to out blocks: the receiver must read until
-// every capture has returned.
-//
-// Each packet's header bytes are copied once, out of libpcap's ring, into
-// memory the packet then owns; nothing else is allocated per packet.
-func (c *Interface) Run(ctx context.Context, out chan<- *flow.Batch) error {
-	defer c.h.Close()
-	// The hard stop: once ctx is done, close the handle if draining has
-	// not ended by itself in time.
-	done := make(chan struct{})
-	defer close(done)
-	go func() {
-		select {
-		case <-ctx.Done():
-		case <-done:
-			return
-		}
-		t := time.NewTimer(2*c.cfg.Timeout + time.Second)
-		defer t.Stop()
-		select {
-		case <-t.C:
-			c.h.Close()
-		case <-done:
-		}
-	}()
-
-	var b flow.Builder
-	batch := flow.GetBatch()
-	nextStats := time.Now().Add(statsInterval)
-	send := func() {
-		if len(batch.Packets) == 0 {
-			return
-		}
-		c.packets.Add(float64(len(batch.Packets)))
-		out <- batch
-		batch = flow.GetBatch()
-	}
-	defer func() { flow.PutBatch(batch) }()
-	c.cfg.Metrics.InterfacesCaptured.Inc()
-	defer c.cfg.Metrics.InterfacesCaptured.Dec()
-	var stopAt time.Time // when ctx was seen done
+// readRing parses every packet of every block the kernel has handed over,
+// sending full batches to out. It returns the number of packets read.
+func (c *Interface) readRing(out chan<- *flow.Batch) int {
+	read := 0
+	nblocks := c.src.blocks()
 	for {
-		data, ci, err := c.h.ZeroCopyReadPacketData()
-		if stopAt.IsZero() && ctx.Err() != nil {
-			stopAt = time.Now()
+		blk := c.src.block(c.cur)
+		if !blockReady(blk) {
+			return read
 		}
-		switch {
-		case err == nil:
-			if !stopAt.IsZero() && ci.Timestamp.After(stopAt) {
-				// Everything captured before the stop has been read.
-				send()
-				return nil
+		n := int(ne32(blk, blkNumPkts))
+		off := int(ne32(blk, blkFirst))
+		for range n {
+			h := blk[off:]
+			c.packet(h)
+			if len(c.batch.Packets) == flow.BatchSize {
+				c.send(out)
 			}
-			// Built in place in the batch's next slot.
-			n := len(batch.Packets)
-			if n < cap(batch.Packets) {
-				batch.Packets = batch.Packets[:n+1]
-			} else {
-				batch.Packets = append(batch.Packets, flow.Packet{})
-			}
-			if _, perr := b.BuildInto(&batch.Packets[n], data, c.link, ci.Timestamp.UnixNano(), ci.Length); perr != nil {
-				batch.Packets = batch.Packets[:n]
-				c.badPacket(perr)
-				continue
-			}
-			if n+1 < flow.BatchSize {
-				continue
-			}
-		case errors.Is(err, pcap.NextErrorTimeoutExpired):
-			// Nothing for a while: hand over what we have.
-			if !stopAt.IsZero() && time.Since(stopAt) >= c.cfg.Timeout {
-				send()
-				return nil
-			}
-		case ctx.Err() != nil || errors.Is(err, io.EOF):
-			send()
-			return nil
-		default:
-			send()
-			return fmt.Errorf("read from %s: %w", c.name, err)
+			off += int(ne32(h, pktNext))
 		}
-		send()
-		if now := time.Now(); now.After(nextStats) {
-			nextStats = now.Add(statsInterval)
-			c.readStats()
+		read += n
+		c.src.release(c.cur)
+		c.cur++
+		if c.cur == nblocks {
+			c.cur = 0
 		}
 	}
+}
+
+// packet builds the packet whose tpacket3_hdr starts h into the batch's
+// next slot.
+func (c *Interface) packet(h []byte) {
+	snap := int(ne32(h, pktSnaplen))
+	origLen := int(ne32(h, pktLen))
+	status := ne32(h, pktStatus)
+	mac := int(ne16(h, pktMac))
+	l3 := int(ne16(h, pktNet))
+	ts := int64(ne32(h, pktSec))*1e9 + int64(ne32(h, pktNsec))
+	data := h[mac : mac+snap]
+	link := flow.LinkEthernet
+	switch ne16(h, sllHatype) {
+	case unix.ARPHRD_ETHER, unix.ARPHRD_LOOPBACK:
+		if status&unix.TP_STATUS_VLAN_VALID != 0 {
+			// The kernel took the 802.1Q tag out of the frame; put it
+			// back where it was, as libpcap does.
+			tpid := uint16(0x8100)
+			if status&unix.TP_STATUS_VLAN_TPID_VALID != 0 {
+				tpid = ne16(h, pktTPID)
+			}
+			data = c.withVLAN(data, tpid, uint16(ne32(h, pktVLANTCI)))
+			origLen += 4
+		}
+	default:
+		// No Ethernet header: start at the network header, and the
+		// saver's file gets a synthetic Ethernet header.
+		skip := min(max(l3-mac, 0), len(data))
+		data = data[skip:]
+		origLen -= skip
+		link = flow.LinkRaw
+	}
+	n := len(c.batch.Packets)
+	c.batch.Packets = append(c.batch.Packets, flow.Packet{})
+	if _, err := c.b.BuildInto(&c.batch.Packets[n], data, link, ts, origLen); err != nil {
+		c.batch.Packets = c.batch.Packets[:n]
+		c.badPacket(err)
+	}
+}
+
+// withVLAN returns data with an 802.1Q tag inserted after the MAC addresses.
+func (c *Interface) withVLAN(data []byte, tpid, tci uint16) []byte {
+	if len(data) < 12 {
+		return data
+	}
+	if cap(c.vlanBuf) < len(data)+4 {
+		c.vlanBuf = make([]byte, len(data)+4+64)
+	}
+	buf := c.vlanBuf[:len(data)+4]
+	copy(buf, data[:12])
+	buf[12], buf[13] = byte(tpid>>8), byte(tpid)
+	buf[14], buf[15] = byte(tci>>8), byte(tci)
+	copy(buf[16:], data[12:])
+	return buf
+}
+
+// send hands the batch on, if it holds packets.
+func (c *Interface) send(out chan<- *flow.Batch) {
+	if len(c.batch.Packets) == 0 {
+		return
+	}
+	c.packets.Add(float64(len(c.batch.Packets)))
+	out <- c.batch
+	c.batch = flow.GetBatch()
 }
 
 func (c *Interface) badPacket(err error) {
@@ -298,13 +492,30 @@ func (c *Interface) badPacket(err error) {
 	}
 }
 
-// readStats exports the kernel's drop counters.
+// readStats exports the kernel's drop counter and the interface's.
 func (c *Interface) readStats() {
-	st, err := c.h.Stats()
+	d, err := c.src.stats()
 	if err != nil {
 		c.log.Warn("read capture statistics", "err", err)
 		return
 	}
-	c.drops.Set(float64(st.PacketsDropped))
-	c.ifdrops.Set(float64(st.PacketsIfDropped))
+	c.totalDrops += d
+	c.drops.Set(float64(c.totalDrops))
+	if n, ok := c.interfaceDrops(); ok && n >= c.ifdrop0 {
+		c.ifdrops.Set(float64(n - c.ifdrop0))
+	}
+}
+
+// interfaceDrops reads the interface's receive drop counter, as libpcap's
+// ps_ifdrop does; there is none for the capture on every interface.
+func (c *Interface) interfaceDrops() (uint64, bool) {
+	if c.ifindex == 0 {
+		return 0, false
+	}
+	b, err := os.ReadFile("/sys/class/net/" + c.name + "/statistics/rx_dropped")
+	if err != nil {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	return n, err == nil
 }

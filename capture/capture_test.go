@@ -2,66 +2,195 @@ package capture
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"net/netip"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
-	"github.com/google/go-cmp/cmp"
-	"github.com/gopacket/gopacket"
-	"github.com/gopacket/gopacket/pcap"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.org/x/sys/unix"
 
 	"github.com/m-lab/packet-headers/flow"
 	"github.com/m-lab/packet-headers/internal/replay"
 	"github.com/m-lab/packet-headers/metrics"
 )
 
-// fakeSource replays packets, then a timeout, then the given error; closing
-// it makes reads return io.EOF-like errors as libpcap does.
-type fakeSource struct {
-	mu      sync.Mutex
-	pkts    [][]byte
-	end     error
-	closed  bool
-	filter  string
-	stats   pcap.Stats
-	timeout chan struct{} // a read after the packets blocks here until closed
+// fakeRing is a ring source whose blocks the test fills as the kernel
+// would. Its ring is mapped memory that close unmaps, so that a read after
+// the close faults instead of passing unnoticed; its descriptor is an
+// eventfd that is readable while a block is ready.
+type fakeRing struct {
+	t         *testing.T
+	mem       []byte
+	blockSize int
+	nblocks   int
+	evfd      int
+
+	mu       sync.Mutex
+	next     int // next block the "kernel" fills
+	ready    int // blocks handed over and not released
+	closed   bool
+	filters  [][]unix.SockFilter
+	drops    uint64
+	err      error
+	misuse   atomic.Bool
+	released atomic.Int64
 }
 
-func (f *fakeSource) ZeroCopyReadPacketData() ([]byte, gopacket.CaptureInfo, error) {
-	f.mu.Lock()
-	if f.closed {
-		f.mu.Unlock()
-		return nil, gopacket.CaptureInfo{}, errors.New("closed")
+func newFakeRing(t *testing.T, nblocks int) *fakeRing {
+	const bs = 64 << 10
+	mem, err := unix.Mmap(-1, 0, bs*nblocks, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if len(f.pkts) > 0 {
-		p := f.pkts[0]
-		f.pkts = f.pkts[1:]
-		f.mu.Unlock()
-		return p, gopacket.CaptureInfo{Timestamp: time.Unix(1, 0), CaptureLength: len(p), Length: len(p) + 1000}, nil
+	fd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
 	}
-	end := f.end
-	f.mu.Unlock()
-	if end != nil {
-		return nil, gopacket.CaptureInfo{}, end
-	}
-	<-f.timeout
-	return nil, gopacket.CaptureInfo{}, pcap.NextErrorTimeoutExpired
+	f := &fakeRing{t: t, mem: mem, blockSize: bs, nblocks: nblocks, evfd: fd}
+	t.Cleanup(func() {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		if !f.closed {
+			unix.Munmap(f.mem)
+		}
+		unix.Close(f.evfd)
+	})
+	return f
 }
 
-func (f *fakeSource) Stats() (*pcap.Stats, error) { s := f.stats; return &s, nil }
-func (f *fakeSource) SetBPFFilter(s string) error { f.filter = s; return nil }
-func (f *fakeSource) Close() {
+// fakePacket is one packet as the kernel would put it in a block.
+type fakePacket struct {
+	data    []byte // from the link-layer header
+	wireLen int
+	ts      time.Time
+	hatype  uint16
+	netOff  int // offset of the network header in data
+	vlan    int // -1: none
+}
+
+// deliver writes pkts into the next block and hands it over.
+func (f *fakeRing) deliver(pkts ...fakePacket) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if !f.closed {
-		f.closed = true
-		close(f.timeout)
+	if f.closed {
+		f.t.Error("deliver after close")
+		return
 	}
+	b := f.mem[f.next*f.blockSize : (f.next+1)*f.blockSize]
+	if blockReady(b) {
+		f.t.Fatal("fake ring full")
+	}
+	off := 48
+	binary.NativeEndian.PutUint32(b[blkNumPkts:], uint32(len(pkts)))
+	binary.NativeEndian.PutUint32(b[blkFirst:], uint32(off))
+	for i, p := range pkts {
+		h := b[off:]
+		mac := 80
+		binary.NativeEndian.PutUint32(h[pktSec:], uint32(p.ts.Unix()))
+		binary.NativeEndian.PutUint32(h[pktNsec:], uint32(p.ts.Nanosecond()))
+		binary.NativeEndian.PutUint32(h[pktSnaplen:], uint32(len(p.data)))
+		binary.NativeEndian.PutUint32(h[pktLen:], uint32(p.wireLen))
+		status := uint32(unix.TP_STATUS_USER)
+		if p.vlan >= 0 {
+			status |= unix.TP_STATUS_VLAN_VALID
+			binary.NativeEndian.PutUint32(h[pktVLANTCI:], uint32(p.vlan))
+		}
+		binary.NativeEndian.PutUint32(h[pktStatus:], status)
+		binary.NativeEndian.PutUint16(h[pktMac:], uint16(mac))
+		binary.NativeEndian.PutUint16(h[pktNet:], uint16(mac+p.netOff))
+		binary.NativeEndian.PutUint16(h[sllHatype:], p.hatype)
+		copy(h[mac:], p.data)
+		next := 0
+		if i < len(pkts)-1 {
+			next = (mac + len(p.data) + 15) &^ 15
+		}
+		binary.NativeEndian.PutUint32(h[pktNext:], uint32(next))
+		off += next
+	}
+	atomic.StoreUint32((*uint32)(unsafe.Pointer(&b[blkStatus])), unix.TP_STATUS_USER)
+	f.next = (f.next + 1) % f.nblocks
+	f.ready++
+	var one [8]byte
+	one[0] = 1
+	if _, err := unix.Write(f.evfd, one[:]); err != nil {
+		f.t.Error(err)
+	}
+}
+
+func (f *fakeRing) check() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		f.misuse.Store(true)
+	}
+}
+
+func (f *fakeRing) fd() int { return f.evfd }
+
+func (f *fakeRing) block(i int) []byte {
+	f.check()
+	return f.mem[i*f.blockSize : (i+1)*f.blockSize]
+}
+
+func (f *fakeRing) blocks() int { return f.nblocks }
+
+func (f *fakeRing) release(i int) {
+	f.check()
+	releaseBlock(f.block(i))
+	f.released.Add(1)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.ready--
+	if f.ready == 0 {
+		var buf [8]byte
+		if _, err := unix.Read(f.evfd, buf[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
+			f.t.Error(err)
+		}
+	}
+}
+
+func (f *fakeRing) stats() (uint64, error) {
+	f.check()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	d := f.drops
+	f.drops = 0
+	return d, nil
+}
+
+func (f *fakeRing) setFilter(p []unix.SockFilter) error {
+	f.check()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.filters = append(f.filters, p)
+	return nil
+}
+
+func (f *fakeRing) sockErr() error {
+	f.check()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	err := f.err
+	f.err = nil
+	return err
+}
+
+func (f *fakeRing) close() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		f.t.Error("closed twice")
+		return nil
+	}
+	f.closed = true
+	return unix.Munmap(f.mem)
 }
 
 func testPackets(t *testing.T) [][]byte {
@@ -76,81 +205,245 @@ func testPackets(t *testing.T) [][]byte {
 	return raws
 }
 
+func ether(raw []byte, ts time.Time) fakePacket {
+	return fakePacket{data: raw, wireLen: len(raw) + 1000, ts: ts, hatype: unix.ARPHRD_ETHER, netOff: 14, vlan: -1}
+}
+
+func newTestInterface(t *testing.T, src ringSource, timeout time.Duration) (*Interface, *metrics.Metrics) {
+	m := metrics.New(prometheus.NewRegistry())
+	c, err := newInterface("eth9", 9, src, &Config{Metrics: m, Timeout: timeout})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, m
+}
+
+// receive reads a batch, failing the test if none comes: a capture that
+// held packets back would hang here.
+func receive(t *testing.T, out <-chan *flow.Batch) *flow.Batch {
+	t.Helper()
+	select {
+	case b := <-out:
+		return b
+	case <-time.After(30 * time.Second):
+		t.Fatal("no batch handed over")
+		return nil
+	}
+}
+
 func TestRunDeliversHeadersAndCountsBadPackets(t *testing.T) {
 	raws := testPackets(t)
-	junk := []byte{1, 2, 3}
-	src := &fakeSource{pkts: append(append([][]byte{}, raws...), junk), end: errors.New("interface went down"), timeout: make(chan struct{})}
-	m := metrics.New(prometheus.NewRegistry())
-	c := newInterface("eth9", flow.LinkEthernet, src, "tcp", &Config{Metrics: m})
-	out := make(chan *flow.Batch, 10)
-	err := c.Run(context.Background(), out)
-	if err == nil || !errors.Is(err, err) {
-		t.Fatalf("Run = %v, want the read error", err)
+	ring := newFakeRing(t, 8)
+	c, m := newTestInterface(t, ring, 10*time.Millisecond)
+	ts := time.Unix(1, 0)
+	var pkts []fakePacket
+	for _, r := range raws {
+		pkts = append(pkts, ether(r, ts))
 	}
-	close(out)
-	var got int
-	for b := range out {
+	pkts = append(pkts, ether([]byte{1, 2, 3}, ts)) // junk
+	ring.deliver(pkts...)
+	out := make(chan *flow.Batch, 100)
+	done := make(chan error)
+	go func() { done <- c.Run(context.Background(), out) }()
+	got := 0
+	for got < len(raws) {
+		b := receive(t, out)
 		for _, p := range b.Packets {
-			h, err := flow.Parse(raws[got], flow.LinkEthernet)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if diff := cmp.Diff(raws[got][:min(h.End, len(raws[got]))], p.Data); diff != "" {
-				t.Errorf("packet %d (-want +got):\n%s", got, diff)
-			}
-			if int(p.Len) != len(raws[got])+1000 {
-				t.Errorf("packet %d: len %d", got, p.Len)
+			if p.Len != uint32(len(raws[got])+1000) || p.Time != ts.UnixNano() {
+				t.Errorf("packet %d: len %d time %d", got, p.Len, p.Time)
 			}
 			got++
 		}
 	}
-	if got != len(raws) {
-		t.Errorf("delivered %d packets, want %d", got, len(raws))
+	c.Stop()
+	if err := <-done; err != nil {
+		t.Fatalf("Run = %v", err)
 	}
 	if n := testutil.ToFloat64(m.BadPackets.WithLabelValues("truncated")); n != 1 {
-		t.Errorf("bad packets = %v, want 1", n)
+		t.Errorf("truncated packets = %v, want 1", n)
 	}
 	if n := testutil.ToFloat64(m.PacketsCaptured.WithLabelValues("eth9")); n != float64(len(raws)) {
-		t.Errorf("captured = %v", n)
+		t.Errorf("packets captured = %v, want %d", n, len(raws))
 	}
-	if n := testutil.ToFloat64(m.InterfacesCaptured); n != 0 {
-		t.Errorf("interfaces gauge = %v after Run, want 0", n)
-	}
-}
-
-func TestRunStopsOnIdleInterface(t *testing.T) {
-	// The original hung on an idle interface until a packet came; Run ends
-	// when its context does, with nothing arriving.
-	src := &fakeSource{timeout: make(chan struct{})}
-	m := metrics.New(prometheus.NewRegistry())
-	c := newInterface("eth9", flow.LinkEthernet, src, "tcp", &Config{Metrics: m})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error)
-	go func() { done <- c.Run(ctx, make(chan *flow.Batch)) }()
-	cancel()
-	if err := <-done; err != nil {
-		t.Errorf("Run after cancel = %v, want nil", err)
+	if ring.misuse.Load() {
+		t.Error("the ring was used after it was closed")
 	}
 }
 
-func TestRunRawIPGetsEthernetHeader(t *testing.T) {
+// TestTrickleHandedOverAtOnce: a batch is handed on as soon as the ring has
+// nothing more to read, however few packets it holds (a slow, steady flow
+// once waited in a batch until 128 packets had come).
+func TestTrickleHandedOverAtOnce(t *testing.T) {
 	raws := testPackets(t)
-	var ip [][]byte
-	for _, r := range raws {
-		ip = append(ip, r[14:]) // strip Ethernet: raw IP link type
+	ring := newFakeRing(t, 4)
+	// The block timeout only sets how long the stop drains here.
+	c, _ := newTestInterface(t, ring, time.Millisecond)
+	out := make(chan *flow.Batch)
+	done := make(chan error)
+	go func() { done <- c.Run(context.Background(), out) }()
+	for i := range 10 { // more rounds than blocks: the ring wraps
+		ring.deliver(ether(raws[i%len(raws)], time.Unix(int64(i), 0)))
+		b := receive(t, out)
+		if len(b.Packets) != 1 || b.Packets[0].Time != int64(i)*1e9 {
+			t.Fatalf("round %d: got %d packets", i, len(b.Packets))
+		}
 	}
-	src := &fakeSource{pkts: ip, end: errors.New("gone"), timeout: make(chan struct{})}
-	c := newInterface("tun0", flow.LinkRaw, src, "tcp", &Config{Metrics: metrics.New(prometheus.NewRegistry())})
+	if n := ring.released.Load(); n != 10 {
+		t.Errorf("released %d blocks, want 10", n)
+	}
+	c.Stop()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestFullBatchesUnderLoad: a burst larger than a batch arrives in full
+// batches and a remainder, all in order.
+func TestFullBatchesUnderLoad(t *testing.T) {
+	raws := testPackets(t)
+	ring := newFakeRing(t, 8)
+	var pkts []fakePacket
+	for i := range 300 {
+		pkts = append(pkts, ether(raws[i%len(raws)], time.Unix(0, int64(i))))
+	}
+	ring.deliver(pkts[:150]...)
+	ring.deliver(pkts[150:]...)
+	c, _ := newTestInterface(t, ring, time.Millisecond)
 	out := make(chan *flow.Batch, 10)
-	c.Run(context.Background(), out)
+	c.Stop() // drains what is in the ring, then ends
+	if err := c.Run(context.Background(), out); err != nil {
+		t.Fatal(err)
+	}
 	close(out)
+	var sizes []int
+	next := int64(0)
+	for b := range out {
+		sizes = append(sizes, len(b.Packets))
+		for _, p := range b.Packets {
+			if p.Time != next {
+				t.Fatalf("packet %d out of order (time %d)", next, p.Time)
+			}
+			next++
+		}
+	}
+	if next != 300 || sizes[0] != flow.BatchSize {
+		t.Errorf("delivered %d packets in batches %v", next, sizes)
+	}
+}
+
+func TestRawIPGetsEthernetHeader(t *testing.T) {
+	raws := testPackets(t)
+	ring := newFakeRing(t, 4)
+	ip := raws[0][14:]
+	ring.deliver(fakePacket{data: ip, wireLen: len(ip), ts: time.Unix(1, 0), hatype: 0xfffe /* ARPHRD_NONE */, vlan: -1})
+	c, _ := newTestInterface(t, ring, time.Millisecond)
+	out := make(chan *flow.Batch, 10)
+	c.Stop()
+	if err := c.Run(context.Background(), out); err != nil {
+		t.Fatal(err)
+	}
 	b := <-out
-	if len(b.Packets) != len(raws) {
-		t.Fatalf("%d packets", len(b.Packets))
+	if len(b.Packets) != 1 {
+		t.Fatalf("got %d packets", len(b.Packets))
 	}
 	p := b.Packets[0]
-	if p.L3 != 14 || p.Data[12] != 0x08 || p.Data[13] != 0x00 {
-		t.Errorf("no synthetic Ethernet header: L3 %d, % x", p.L3, p.Data[:14])
+	if p.L3 != 14 || p.Data[12] != 0x08 || p.Data[13] != 0x00 || p.Len != uint32(len(ip)+14) {
+		t.Errorf("no synthetic Ethernet header: L3 %d len %d, % x", p.L3, p.Len, p.Data[:14])
+	}
+}
+
+// TestVLANTagPutBack: a tag the kernel took out of the frame is put back,
+// as libpcap does, and counted in the length.
+func TestVLANTagPutBack(t *testing.T) {
+	raws := testPackets(t)
+	ring := newFakeRing(t, 4)
+	pk := ether(raws[0], time.Unix(1, 0))
+	pk.vlan = 42
+	ring.deliver(pk)
+	c, _ := newTestInterface(t, ring, time.Millisecond)
+	out := make(chan *flow.Batch, 10)
+	c.Stop()
+	if err := c.Run(context.Background(), out); err != nil {
+		t.Fatal(err)
+	}
+	p := (<-out).Packets[0]
+	if p.L3 != 18 || binary.BigEndian.Uint16(p.Data[12:]) != 0x8100 || binary.BigEndian.Uint16(p.Data[14:]) != 42 || p.Len != uint32(pk.wireLen+4) {
+		t.Errorf("tag not put back: L3 %d len %d % x", p.L3, p.Len, p.Data[:18])
+	}
+}
+
+// TestOnlyTheReaderTouchesTheRing: filter changes and stops come from other
+// goroutines while packets flow, and after the capture ended; the ring is
+// touched by the reading goroutine only, never after its close (the fake
+// unmaps its memory then, so a late read would fault).
+func TestOnlyTheReaderTouchesTheRing(t *testing.T) {
+	raws := testPackets(t)
+	ring := newFakeRing(t, 64)
+	c, _ := newTestInterface(t, ring, time.Millisecond)
+	out := make(chan *flow.Batch, 1000)
+	done := make(chan error)
+	go func() { done <- c.Run(context.Background(), out) }()
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Go(func() {
+			for i := range 200 {
+				c.SetFilter([]unix.SockFilter{{Code: bpfRet, K: uint32(g*1000 + i)}})
+			}
+		})
+	}
+	for i := range 20 {
+		ring.deliver(ether(raws[i%len(raws)], time.Unix(0, int64(i))))
+	}
+	wg.Wait()
+	c.Stop()
+	wg.Go(func() {
+		for range 100 {
+			c.SetFilter(nil)
+			c.Stop()
+		}
+	})
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	if ring.misuse.Load() {
+		t.Error("the ring was used after it was closed")
+	}
+	ring.mu.Lock()
+	nf := len(ring.filters)
+	ring.mu.Unlock()
+	if nf == 0 {
+		t.Error("no filter change reached the socket")
+	}
+}
+
+// TestSocketErrorOnVanishedInterface: a socket error on an interface that
+// no longer exists ends the capture; on the capture of every interface it
+// does not.
+func TestSocketErrorOnVanishedInterface(t *testing.T) {
+	m := metrics.New(prometheus.NewRegistry())
+	ring := newFakeRing(t, 4)
+	c, err := newInterface("gone0", 1<<30, ring, &Config{Metrics: m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ring.err = unix.ENETDOWN
+	if err := c.socketError(); err == nil {
+		t.Error("socketError = nil for an interface that does not exist")
+	}
+	if err := c.socketError(); err != nil {
+		t.Errorf("socketError = %v with no error pending", err)
+	}
+	anyRing := newFakeRing(t, 4)
+	a, err := newInterface(AnyInterface, 0, anyRing, &Config{Metrics: m})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	anyRing.err = unix.ENETDOWN
+	if err := a.socketError(); err != nil {
+		t.Errorf("socketError on every interface = %v", err)
 	}
 }
 
@@ -182,62 +475,5 @@ func TestReason(t *testing.T) {
 			t.Errorf("reason(%v) = %q", e, r)
 		}
 		seen[r] = true
-	}
-}
-
-// scriptedSource returns its reads in order, then blocks until closed.
-type scriptedSource struct {
-	fakeSource
-	reads []func() ([]byte, gopacket.CaptureInfo, error)
-}
-
-func (s *scriptedSource) ZeroCopyReadPacketData() ([]byte, gopacket.CaptureInfo, error) {
-	s.mu.Lock()
-	if len(s.reads) > 0 {
-		r := s.reads[0]
-		s.reads = s.reads[1:]
-		s.mu.Unlock()
-		return r()
-	}
-	s.mu.Unlock()
-	<-s.timeout
-	return nil, gopacket.CaptureInfo{}, errors.New("closed")
-}
-
-// TestRunDrainsAfterStop: packets captured before the stop but handed over
-// by the kernel only later (their ring block was not full) are still
-// delivered; the capture ends at the first packet captured after the stop.
-func TestRunDrainsAfterStop(t *testing.T) {
-	raws := testPackets(t)
-	stopped := time.Now()
-	pkt := func(raw []byte, ts time.Time) func() ([]byte, gopacket.CaptureInfo, error) {
-		return func() ([]byte, gopacket.CaptureInfo, error) {
-			return raw, gopacket.CaptureInfo{Timestamp: ts, CaptureLength: len(raw), Length: len(raw)}, nil
-		}
-	}
-	timeout := func() ([]byte, gopacket.CaptureInfo, error) {
-		return nil, gopacket.CaptureInfo{}, pcap.NextErrorTimeoutExpired
-	}
-	src := &scriptedSource{fakeSource: fakeSource{timeout: make(chan struct{})}}
-	src.reads = append(src.reads, timeout) // the block is not handed over yet
-	for _, r := range raws[:5] {
-		src.reads = append(src.reads, pkt(r, stopped.Add(-time.Millisecond)))
-	}
-	src.reads = append(src.reads, pkt(raws[5], stopped.Add(time.Hour))) // after the stop
-	src.reads = append(src.reads, pkt(raws[6], stopped.Add(-time.Millisecond)))
-	c := newInterface("eth9", flow.LinkEthernet, src, "tcp", &Config{Metrics: metrics.New(prometheus.NewRegistry()), Timeout: time.Hour})
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	out := make(chan *flow.Batch, 10)
-	if err := c.Run(ctx, out); err != nil {
-		t.Fatalf("Run = %v", err)
-	}
-	close(out)
-	n := 0
-	for b := range out {
-		n += len(b.Packets)
-	}
-	if n != 5 {
-		t.Errorf("delivered %d packets after the stop, want the 5 captured before it", n)
 	}
 }

@@ -2,26 +2,30 @@ package capture
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/m-lab/packet-headers/flow"
 )
 
-// DefaultRescan is how often the Manager looks for new interfaces and
-// changed addresses.
+// DefaultRescan is how often the Manager looks for changed interfaces and
+// addresses.
 const DefaultRescan = 2 * time.Second
 
-// Manager runs one capture per interface: the named ones, or every interface
-// that is up (except loopback: tcp-info never names loopback flows, so their
-// packets could never be saved). It picks up interfaces that appear, lets a
-// capture whose interface disappears end alone, and keeps each capture's
-// filter in step with the host's addresses.
+// Manager runs the captures: one socket on every interface, or one per
+// named interface. It keeps the socket filters in step with the host's
+// addresses and its interfaces (bridge and bond ports come and go), reopens
+// a named interface that went away when it comes back, and stops them all.
 type Manager struct {
 	cfg     *Config
 	names   []string
@@ -30,40 +34,32 @@ type Manager struct {
 	// Rescan is how often interfaces and addresses are checked.
 	Rescan time.Duration
 
-	// base is the parent context of every capture; Run cancels it.
-	base   context.Context
-	cancel context.CancelFunc
-
-	mu     sync.Mutex
-	active map[string]*running
-	failed map[string]bool // interfaces whose last open failed, to log once
-	addrs  []netip.Addr
-	filter string
-	wg     sync.WaitGroup
+	mu       sync.Mutex
+	active   map[string]*Interface
+	failed   map[string]bool // interfaces whose last open failed, to log once
+	covered  []string        // interfaces the captures cover
+	addrs    []netip.Addr
+	exclude  []int
+	prog     []unix.SockFilter
+	scanned  bool
+	stopping bool
+	wg       sync.WaitGroup
 }
 
-type running struct {
-	c      *Interface
-	cancel context.CancelFunc
-}
-
-// NewManager creates a manager that captures on names (all interfaces that
-// are up when names is empty) into out. onAddrs, if not nil, is called with
-// the host's addresses at start and whenever they change.
+// NewManager creates a manager that captures on names (every interface
+// when names is empty) into out. onAddrs, if not nil, is called with the
+// host's addresses at start and whenever they change.
 func NewManager(cfg *Config, names []string, out chan<- *flow.Batch, onAddrs func([]netip.Addr)) *Manager {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	base, cancel := context.WithCancel(context.Background())
 	return &Manager{
-		base:    base,
-		cancel:  cancel,
 		cfg:     cfg,
 		names:   names,
 		out:     out,
 		onAddrs: onAddrs,
 		Rescan:  DefaultRescan,
-		active:  map[string]*running{},
+		active:  map[string]*Interface{},
 		failed:  map[string]bool{},
 	}
 }
@@ -95,41 +91,78 @@ func CheckInterfaces(names []string) error {
 	return nil
 }
 
-// targets lists the interfaces to capture on now.
-func (m *Manager) targets() ([]string, error) {
-	if len(m.names) > 0 {
-		return m.names, nil
-	}
-	ifs, err := net.Interfaces()
+// link is what the manager needs to know of a network interface.
+type link struct {
+	index  int
+	name   string
+	up     bool
+	lo     bool
+	master int // the bridge or bond this interface is a port of, or 0
+}
+
+// links lists the host's interfaces with one netlink dump.
+func links() ([]link, error) {
+	rib, err := syscall.NetlinkRIB(syscall.RTM_GETLINK, syscall.AF_UNSPEC)
 	if err != nil {
 		return nil, fmt.Errorf("list interfaces: %w", err)
 	}
-	var names []string
-	for _, i := range ifs {
-		if i.Flags&net.FlagUp != 0 && i.Flags&net.FlagLoopback == 0 {
-			names = append(names, i.Name)
-		}
+	msgs, err := syscall.ParseNetlinkMessage(rib)
+	if err != nil {
+		return nil, fmt.Errorf("list interfaces: %w", err)
 	}
-	return names, nil
+	var ls []link
+	for i := range msgs {
+		m := &msgs[i]
+		if m.Header.Type != syscall.RTM_NEWLINK || len(m.Data) < syscall.SizeofIfInfomsg {
+			continue
+		}
+		ifi := (*syscall.IfInfomsg)(unsafe.Pointer(&m.Data[0]))
+		attrs, err := syscall.ParseNetlinkRouteAttr(m)
+		if err != nil {
+			return nil, fmt.Errorf("list interfaces: %w", err)
+		}
+		l := link{
+			index: int(ifi.Index),
+			up:    ifi.Flags&syscall.IFF_UP != 0,
+			lo:    ifi.Flags&syscall.IFF_LOOPBACK != 0,
+		}
+		for _, a := range attrs {
+			switch a.Attr.Type {
+			case syscall.IFLA_IFNAME:
+				l.name = string(trimNUL(a.Value))
+			case unix.IFLA_MASTER:
+				if len(a.Value) >= 4 {
+					l.master = int(ne32(a.Value, 0))
+				}
+			}
+		}
+		ls = append(ls, l)
+	}
+	return ls, nil
 }
 
-// Start opens the first captures. With named interfaces, failing to open
-// any of them is an error; otherwise failures are logged and retried. The
-// captures run until Run's context is done.
+func trimNUL(b []byte) []byte {
+	if i := slices.Index(b, 0); i >= 0 {
+		return b[:i]
+	}
+	return b
+}
+
+// Start opens the captures. Failing to open the capture on every
+// interface, or any named interface, is an error; so is a lack of
+// permission. The captures run until Close.
 func (m *Manager) Start() error {
-	return m.scan(len(m.names) > 0)
+	return m.scan(true)
 }
 
-// Run keeps the captures going until ctx is done, then stops them all and
-// returns once every capture goroutine has ended (and sent what it read).
+// Run rescans every Rescan until ctx is done, then closes the manager.
 func (m *Manager) Run(ctx context.Context) {
 	t := time.NewTicker(m.Rescan)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			m.cancel()
-			m.wg.Wait()
+			m.Close()
 			return
 		case <-t.C:
 			if err := m.scan(false); err != nil {
@@ -139,73 +172,154 @@ func (m *Manager) Run(ctx context.Context) {
 	}
 }
 
+// Close stops every capture and returns once each has drained what the
+// kernel captured before the stop into out and ended.
+func (m *Manager) Close() {
+	m.mu.Lock()
+	m.stopping = true
+	for _, c := range m.active {
+		c.Stop()
+	}
+	m.mu.Unlock()
+	m.wg.Wait()
+}
+
 // Active returns the names of the interfaces being captured.
 func (m *Manager) Active() []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	var names []string
-	for n := range m.active {
-		names = append(names, n)
-	}
-	slices.Sort(names)
-	return names
+	return slices.Clone(m.covered)
 }
 
-func (m *Manager) scan(strict bool) error {
+func (m *Manager) scan(start bool) error {
 	addrs, err := LocalAddrs()
 	if err != nil {
 		return err
 	}
-	names, err := m.targets()
+	ls, err := links()
 	if err != nil {
 		return err
 	}
+	var exclude []int
+	var covered []string
+	if len(m.names) == 0 {
+		for _, l := range ls {
+			switch {
+			case l.lo || l.master != 0:
+				// Loopback flows are never named; a port's packets are
+				// also seen on its bridge or bond.
+				exclude = append(exclude, l.index)
+			case l.up:
+				covered = append(covered, l.name)
+			}
+		}
+		slices.Sort(covered)
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if !slices.Equal(addrs, m.addrs) || m.filter == "" {
-		m.addrs = addrs
-		m.filter = Filter(addrs)
-		if m.onAddrs != nil {
-			m.onAddrs(addrs)
-		}
-		for _, r := range m.active {
-			if err := r.c.SetFilter(m.filter); err != nil {
-				m.cfg.Log.Warn("update filter", "err", err)
+	if m.stopping {
+		return nil
+	}
+	if !m.scanned || !slices.Equal(addrs, m.addrs) || !slices.Equal(exclude, m.exclude) {
+		if !m.scanned || !slices.Equal(addrs, m.addrs) {
+			if m.onAddrs != nil {
+				m.onAddrs(addrs)
 			}
 		}
-	}
-	for _, name := range names {
-		if _, ok := m.active[name]; ok || m.base.Err() != nil {
-			continue
+		m.scanned = true
+		m.addrs, m.exclude = addrs, exclude
+		prog, all := filterProgram(addrs, exclude, m.cfg.Snaplen)
+		if !all {
+			m.cfg.Log.Warn("too many addresses for the socket filter; capturing all TCP", "addresses", len(addrs))
 		}
-		c, err := Open(name, m.filter, m.cfg)
-		if err != nil {
-			if strict {
+		m.prog = prog
+		for _, c := range m.active {
+			c.SetFilter(prog)
+		}
+	}
+	if len(m.names) == 0 {
+		for _, n := range covered {
+			if !slices.Contains(m.covered, n) {
+				m.cfg.Log.Info("capturing", "interface", n, "socket", AnyInterface)
+			}
+		}
+		for _, n := range m.covered {
+			if !slices.Contains(covered, n) {
+				m.cfg.Log.Info("interface gone", "interface", n)
+			}
+		}
+		m.covered = covered
+		m.cfg.Metrics.InterfacesCaptured.Set(float64(len(covered)))
+		if _, ok := m.active[AnyInterface]; ok {
+			return nil
+		}
+		// The capture on every interface ends only when stopped or
+		// when its socket fails; then it is reopened here.
+		if err := m.open(AnyInterface); err != nil {
+			if start {
 				return err
 			}
-			if !m.failed[name] {
-				m.cfg.Log.Warn("cannot capture; will retry", "interface", name, "err", err)
-				m.failed[name] = true
-			}
+			m.logFailure(AnyInterface, err)
+		}
+		return nil
+	}
+	present := map[string]bool{}
+	for _, l := range ls {
+		present[l.name] = true
+	}
+	for _, name := range m.names {
+		if _, ok := m.active[name]; ok {
 			continue
 		}
-		delete(m.failed, name)
-		cctx, cancel := context.WithCancel(m.base)
-		r := &running{c: c, cancel: cancel}
-		m.active[name] = r
-		m.cfg.Log.Info("capturing", "interface", name, "filter", m.filter)
-		m.wg.Go(func() {
-			err := c.Run(cctx, m.out)
-			cancel()
-			m.mu.Lock()
-			if m.active[name] == r {
-				delete(m.active, name)
+		if !present[name] && !start {
+			continue // gone; reopened when it is back
+		}
+		if err := m.open(name); err != nil {
+			if start {
+				return err
 			}
-			m.mu.Unlock()
-			if err != nil {
-				m.cfg.Log.Warn("capture ended", "interface", name, "err", err)
-			}
-		})
+			m.logFailure(name, err)
+		}
 	}
+	m.covered = m.covered[:0]
+	for n := range m.active {
+		m.covered = append(m.covered, n)
+	}
+	slices.Sort(m.covered)
+	m.cfg.Metrics.InterfacesCaptured.Set(float64(len(m.active)))
+	return nil
+}
+
+func (m *Manager) logFailure(name string, err error) {
+	if !m.failed[name] {
+		m.cfg.Log.Warn("cannot capture; will retry", "interface", name, "err", err)
+		m.failed[name] = true
+	}
+}
+
+// open starts the capture named name; m.mu is held.
+func (m *Manager) open(name string) error {
+	c, err := Open(name, m.prog, m.cfg)
+	if err != nil {
+		return err
+	}
+	delete(m.failed, name)
+	m.active[name] = c
+	if name == AnyInterface {
+		m.cfg.Log.Info("capture socket open on every interface", "filter", Filter(m.addrs), "excluded_interfaces", len(m.exclude))
+	} else {
+		m.cfg.Log.Info("capturing", "interface", name, "filter", Filter(m.addrs))
+	}
+	m.wg.Go(func() {
+		err := c.Run(context.Background(), m.out)
+		m.mu.Lock()
+		if m.active[name] == c {
+			delete(m.active, name)
+		}
+		m.mu.Unlock()
+		if err != nil && !errors.Is(err, context.Canceled) {
+			m.cfg.Log.Warn("capture ended", "interface", name, "err", err)
+		}
+	})
 	return nil
 }

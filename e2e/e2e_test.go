@@ -747,7 +747,7 @@ func TestInterfacesComeAndGo(t *testing.T) {
 		t.Fatalf("new interface %s not captured:\n%s", a, e.daemon.log.String())
 	}
 	run(t, "ip", "-n", e.tp.server, "link", "del", a)
-	if !e.daemon.log.waitFor("interface="+a+" err=", 1, 15*time.Second) {
+	if !e.daemon.log.waitFor(`msg="interface gone" interface=`+a, 1, 15*time.Second) {
 		t.Fatalf("capture on the removed interface %s did not end:\n%s", a, e.daemon.log.String())
 	}
 	// The original interface still works: a flow is saved.

@@ -192,18 +192,13 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 	d.captures = capture.NewManager(capCfg, cfg.Interfaces, d.packets, d.anon.SetLocal)
 	if err := d.captures.Start(); err != nil {
 		d.listener.Close()
-		d.stopCaptures()
-		return nil, fmt.Errorf("-interface: %w", err)
+		d.captures.Close()
+		if len(cfg.Interfaces) > 0 {
+			return nil, fmt.Errorf("-interface: %w", err)
+		}
+		return nil, fmt.Errorf("capture: %w", err)
 	}
 	return d, nil
-}
-
-// stopCaptures closes the captures opened by Start when the daemon does not
-// go on to run.
-func (d *daemon) stopCaptures() {
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	d.captures.Run(ctx)
 }
 
 func (d *daemon) newUUIDSource() (uuidSource, error) {
