@@ -112,20 +112,20 @@ func New(reg prometheus.Registerer) *Metrics {
 		}, []string{"reason"}),
 		InterfacesCaptured: f.NewGauge(prometheus.GaugeOpts{
 			Name: "pcap_muxer_interfaces_with_captures",
-			Help: "Interfaces with a packet capture running.",
+			Help: "Interfaces being captured (every up interface but loopback and bridge or bond ports, or the named ones).",
 		}),
 
 		PacketsCaptured: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "pcap_capture_packets_total",
-			Help: "Packets read from libpcap, by interface.",
+			Help: "Packets read from the capture ring, by capture socket (any: every interface).",
 		}, []string{"interface"}),
 		KernelDrops: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "pcap_capture_kernel_drops",
-			Help: "Packets dropped by the kernel because the capture ring was full (libpcap ps_drop) since the capture started, by interface.",
+			Help: "Packets dropped by the kernel because the capture ring was full since the capture started, by capture socket (any: every interface).",
 		}, []string{"interface"}),
 		InterfaceDrops: f.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "pcap_capture_interface_drops",
-			Help: "Packets dropped by the interface or driver (libpcap ps_ifdrop) since the capture started, by interface.",
+			Help: "Packets dropped by the interface or driver (its rx_dropped counter) since the capture started, by named interface.",
 		}, []string{"interface"}),
 		BadPackets: f.NewCounterVec(prometheus.CounterOpts{
 			Name: "pcap_capture_bad_packets_total",
