@@ -10,7 +10,8 @@
 // 10 ms, asks for the same states, drops the same sockets (loopback,
 // link-local, multicast and unspecified addresses), and names each socket
 // <prefix>_<cookie as %016X>, the format of github.com/m-lab/uuid, with the
-// prefix read from the same -uuid-prefix-file the same way. A file written
+// prefix read from the same -uuid-prefix-file the same way (and refused if
+// it would make unsafe file names: CheckPrefix). A file written
 // in standalone mode therefore carries the name a file written beside
 // tcp-info would carry. Unlike tcp-info, the daemon's Source polls only while
 // a captured flow waits for its UUID (Config.Needed).
@@ -47,6 +48,7 @@ import (
 
 	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/metrics"
+	"github.com/m-lab/packet-headers/saver"
 )
 
 // DefaultInterval is tcp-info's polling interval (collector.Run).
@@ -88,6 +90,8 @@ type Config struct {
 	// does. Its bytes are the prefix, unmodified: m-lab/uuid reads the
 	// flag with flagx.FileBytes, which does not trim, so a trailing
 	// newline would be part of every UUID, of tcp-info's and of ours.
+	// New refuses such a prefix, and any other that would make UUIDs
+	// unsafe as file names (CheckPrefix).
 	// Empty means m-lab/uuid's default, prefix.UnsafeString(), which is
 	// also tcp-info's when it runs without the flag.
 	PrefixFile string
@@ -169,15 +173,9 @@ func New(cfg Config, out chan<- demuxer.Open) (*Source, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = metrics.New(prometheus.NewRegistry())
 	}
-	p, err := readPrefix(cfg.PrefixFile)
+	p, err := ReadPrefix(cfg.PrefixFile)
 	if err != nil {
 		return nil, err
-	}
-	if strings.ContainsFunc(p, func(r rune) bool { return r <= ' ' || r == '/' || r >= 0x7f }) {
-		// m-lab/uuid takes such a prefix as it is, and so do we, so that
-		// names stay equal to tcp-info's; but a newline or a slash in a
-		// file name is surely not what was meant.
-		cfg.Log.Warn("uuid prefix contains spaces, control characters or slashes; they will be part of every file name", "prefix", p)
 	}
 	d, err := openDumper()
 	if err != nil {
@@ -202,6 +200,59 @@ func New(cfg Config, out chan<- demuxer.Open) (*Source, error) {
 			"interval", cfg.Interval, "err", err)
 	}
 	return s, nil
+}
+
+// ReadPrefix reads the UUID prefix from the file at path (m-lab/uuid's
+// default if path is empty) and checks it with CheckPrefix.
+func ReadPrefix(path string) (string, error) {
+	p, err := readPrefix(path)
+	if err != nil {
+		return "", err
+	}
+	if err := CheckPrefix(p); err != nil {
+		if path == "" {
+			return "", fmt.Errorf("%w (m-lab/uuid's default prefix, from the host name)", err)
+		}
+		return "", err
+	}
+	return p, nil
+}
+
+// CheckPrefix makes sure that the UUIDs made with prefix p are safe as file
+// names, by the rule the eventsocket's UUIDs follow (saver.CheckUUID): only
+// letters, digits, '.', '_' and '-', no leading dot, and short enough. The
+// error says what is wrong with p.
+//
+// m-lab/uuid takes a prefix file's bytes as they are, so a prefix that
+// breaks the rule makes tcp-info send UUIDs the eventsocket client refuses
+// too; and standalone, a prefix such as "../../x" would put files outside
+// the data directory, and the newline that `echo host > file` leaves would
+// end up in every file name. Trimming it silently would name files
+// differently from tcp-info given the same file, so a bad prefix is refused
+// instead, before anything starts.
+func CheckPrefix(p string) error {
+	err := saver.CheckUUID(UUID(p, 0))
+	if err == nil {
+		return nil
+	}
+	bad := -1 // the first byte not allowed
+	for i := 0; i < len(p) && bad < 0; i++ {
+		if !saver.UUIDByte(p[i]) {
+			bad = i
+		}
+	}
+	maxLen := saver.MaxUUIDLen - len(UUID("", 0))
+	switch {
+	case strings.HasSuffix(p, "\n") && bad == len(p)-1:
+		return fmt.Errorf("uuid prefix %q ends with a newline, which would be part of every file name; write the file without it (printf '%%s' PREFIX > FILE, not echo)", p)
+	case bad >= 0:
+		return fmt.Errorf("uuid prefix %q has byte %#02x at offset %d; file names allow only letters, digits, '.', '_' and '-'", p, p[bad], bad)
+	case p[0] == '.':
+		return fmt.Errorf("uuid prefix %q starts with a dot, which would hide every file from the uploader", p)
+	case len(p) > maxLen:
+		return fmt.Errorf("uuid prefix is %d bytes long; at most %d fit in a file name with the socket cookie", len(p), maxLen)
+	}
+	return fmt.Errorf("uuid prefix %q: %w", p, err)
 }
 
 // readPrefix reads the prefix as m-lab/uuid does.

@@ -14,6 +14,7 @@ import (
 	"github.com/m-lab/uuid"
 
 	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/saver"
 )
 
 func TestUUID(t *testing.T) {
@@ -145,5 +146,87 @@ func TestNewMissingPrefixFile(t *testing.T) {
 	}
 	if !errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), path) {
 		t.Errorf("New: %v; want an error naming %s that is fs.ErrNotExist", err, path)
+	}
+}
+
+// TestCheckPrefix: a prefix passes exactly when the UUIDs made of it pass
+// the eventsocket's rule (saver.CheckUUID), and the error says what is wrong
+// with the prefix.
+func TestCheckPrefix(t *testing.T) {
+	maxLen := saver.MaxUUIDLen - len("_0000000000000000")
+	tests := []struct {
+		name    string
+		prefix  string
+		wantErr string // in the error; "" for a valid prefix
+	}{
+		{name: "tcp-info's", prefix: "mlab1.lga0t.measurement-lab.org_1588110475"},
+		{name: "host", prefix: "host_1548788619"},
+		{name: "empty", prefix: ""}, // "_<cookie>", as tcp-info names with an empty file
+		{name: "longest", prefix: strings.Repeat("a", maxLen)},
+		{name: "escape", prefix: "../../escaped", wantErr: `uuid prefix "../../escaped" has byte 0x2f at offset 2; file names allow only letters, digits, '.', '_' and '-'`},
+		{name: "slash", prefix: "a/b", wantErr: "has byte 0x2f at offset 1"},
+		{name: "echo", prefix: "host_1548788619\n", wantErr: `uuid prefix "host_1548788619\n" ends with a newline, which would be part of every file name; write the file without it (printf '%s' PREFIX > FILE, not echo)`},
+		{name: "crlf", prefix: "host\r\n", wantErr: "has byte 0x0d at offset 4"},
+		{name: "inner newline", prefix: "a\nb\n", wantErr: "has byte 0x0a at offset 1"},
+		{name: "space", prefix: "my host", wantErr: "has byte 0x20 at offset 2"},
+		{name: "utf-8", prefix: "h\u00f4te", wantErr: "has byte 0xc3 at offset 1"},
+		{name: "dot", prefix: ".hidden", wantErr: `uuid prefix ".hidden" starts with a dot, which would hide every file from the uploader`},
+		{name: "dots", prefix: "..", wantErr: "starts with a dot"},
+		{name: "too long", prefix: strings.Repeat("a", maxLen+1), wantErr: "uuid prefix is 231 bytes long; at most 230 fit in a file name with the socket cookie"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := CheckPrefix(tt.prefix)
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Errorf("CheckPrefix(%q) = %v, want nil", tt.prefix, err)
+				}
+			} else if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("CheckPrefix(%q) = %v, want an error containing %q", tt.prefix, err, tt.wantErr)
+			}
+			// The verdict is the eventsocket rule's on every UUID of the
+			// prefix.
+			for _, c := range []uint64{0, 0x84FF, math.MaxUint64} {
+				if uerr := saver.CheckUUID(UUID(tt.prefix, c)); (uerr == nil) != (err == nil) {
+					t.Errorf("CheckPrefix(%q) = %v but saver.CheckUUID(%q) = %v", tt.prefix, err, UUID(tt.prefix, c), uerr)
+				}
+			}
+		})
+	}
+}
+
+// TestNewRefusesBadPrefix: New reads the prefix file and refuses a prefix
+// that would make unsafe file names, before opening anything.
+func TestNewRefusesBadPrefix(t *testing.T) {
+	dir := t.TempDir()
+	for _, tt := range []struct{ content, want string }{
+		{"../../escaped", "has byte 0x2f"},
+		{"host_1548788619\n", "ends with a newline"},
+	} {
+		t.Run(tt.content, func(t *testing.T) {
+			path := filepath.Join(dir, "prefix")
+			if err := os.WriteFile(path, []byte(tt.content), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := ReadPrefix(path); err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("ReadPrefix: %v, want an error containing %q", err, tt.want)
+			}
+			s, err := New(Config{PrefixFile: path}, make(chan demuxer.Open))
+			if err == nil {
+				s.Run(canceled())
+				t.Fatalf("New with prefix %q succeeded", tt.content)
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("New: %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+	// A good one is read as it is.
+	path := filepath.Join(dir, "good")
+	if err := os.WriteFile(path, []byte("host_1548788619"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := ReadPrefix(path); err != nil || p != "host_1548788619" {
+		t.Errorf("ReadPrefix = %q, %v; want the file's bytes", p, err)
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/m-lab/packet-headers/flow"
+	"github.com/m-lab/packet-headers/saver"
 )
 
 // Kind is the kind of an event. Its values are tcp-info's wire values
@@ -124,10 +125,8 @@ type wireSockID struct {
 	Cookie    int64
 }
 
-// maxUUIDLen is the longest UUID accepted: with ".pcap.gz" appended it must
-// still fit the 255-byte file name limit of common Linux file systems. Real
-// UUIDs (hostname_boottime_%016X) are well under 100 bytes.
-const maxUUIDLen = 255 - len(".pcap.gz")
+// maxUUIDLen is the longest UUID accepted (see saver.MaxUUIDLen).
+const maxUUIDLen = saver.MaxUUIDLen
 
 // ParseLine decodes one eventsocket line (with or without its trailing
 // newline) into an Event. Every error is a *BadEventError. It does not retain
@@ -212,23 +211,11 @@ func parseIP(field, s string) (netip.Addr, error) {
 	return a, nil
 }
 
-// checkUUID makes sure a UUID is safe to use as a file name: the saver writes
-// <datadir>/YYYY/MM/DD/<UUID>.pcap.gz, so a "/" or ".." would let the sender
-// write anywhere, and a leading "." would hide the file from the uploader.
+// checkUUID makes sure a UUID is safe to use as a file name, by the rule
+// the standalone source applies too (saver.CheckUUID).
 func checkUUID(u string) error {
-	if u == "" || len(u) > maxUUIDLen {
-		return bad(ReasonBadUUID, "uuid length %d not in [1, %d]", len(u), maxUUIDLen)
-	}
-	if u[0] == '.' {
-		return bad(ReasonBadUUID, "uuid %q starts with a dot", u)
-	}
-	for i := 0; i < len(u); i++ {
-		c := u[i]
-		if ('a' <= c && c <= 'z') || ('A' <= c && c <= 'Z') || ('0' <= c && c <= '9') ||
-			c == '.' || c == '_' || c == '-' {
-			continue
-		}
-		return bad(ReasonBadUUID, "uuid %q has byte %#02x at %d", u, c, i)
+	if err := saver.CheckUUID(u); err != nil {
+		return &BadEventError{Reason: ReasonBadUUID, Err: err}
 	}
 	return nil
 }

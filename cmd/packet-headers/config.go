@@ -15,6 +15,7 @@ import (
 	"github.com/m-lab/packet-headers/anonymize"
 	"github.com/m-lab/packet-headers/capture"
 	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/kernelsource"
 	"github.com/m-lab/packet-headers/saver"
 )
 
@@ -101,7 +102,24 @@ func parseConfig(args []string, out io.Writer) (*Config, error) {
 	if err := argsFromEnv(fs); err != nil {
 		return nil, err
 	}
-	return c, c.Validate()
+	if err := c.Validate(); err != nil {
+		return c, err
+	}
+	return c, c.checkPrefixFile()
+}
+
+// checkPrefixFile refuses, in standalone mode, a -uuid-prefix-file whose
+// prefix would make unsafe file names (kernelsource.CheckPrefix: a slash, a
+// trailing newline, a leading dot...), before anything starts. Beside
+// tcp-info the file is not read: tcp-info names the flows.
+func (c *Config) checkPrefixFile() error {
+	if c.EventSocket != "" || c.UUIDPrefixFile == "" {
+		return nil
+	}
+	if _, err := kernelsource.ReadPrefix(c.UUIDPrefixFile); err != nil {
+		return fmt.Errorf("-uuid-prefix-file=%s: %w", c.UUIDPrefixFile, err)
+	}
+	return nil
 }
 
 // argsFromEnv sets each flag not given on the command line from its
