@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -57,9 +58,20 @@ type Config struct {
 	// MaxBacklog bounds each saver's queue; 0 means DefaultMaxBacklog.
 	MaxBacklog int
 	// Level is the gzip compression level, 1 to 9; 0 means DefaultLevel.
-	Level   int
+	Level int
+	// Sync makes every file durable before it is counted as published:
+	// its data is synced before it is linked under its name, and its
+	// directory (and, the first time, the date directories above it) after,
+	// so that a power loss leaves each published file whole and never an
+	// empty or partial one. It costs one fsync of the file and one of the
+	// directory per file (BENCHMARKS.md, "Durability").
+	Sync    bool
 	Metrics *metrics.Metrics
 	Log     *slog.Logger
+
+	// syncedDir is the date directory whose parents were last synced
+	// (syncParents), so that they are synced once, not for every file.
+	syncedDir atomic.Pointer[string]
 
 	once    sync.Once
 	missed  [numStates]prometheus.Counter
@@ -405,13 +417,27 @@ func (s *Saver) finish() {
 	}
 	s.setState(Publishing)
 	path := filepath.Join(s.dirPath, s.uuid+".pcap.gz")
-	if err := linkFile(s.file, path); err != nil {
+	if err := linkFile(s.file, path, s.cfg.Sync); err != nil {
+		var se *syncError
 		st := LinkError
-		if errors.Is(err, unix.EEXIST) {
+		switch {
+		case errors.Is(err, unix.EEXIST):
 			st = ExistsError
+		case errors.As(err, &se):
+			st = WriteError // an I/O error: the file was not linked
 		}
 		s.fail(st, "publish file", err)
 		return
+	}
+	if s.cfg.Sync {
+		// The name is durable before the uploader hears of it (the close
+		// below).
+		if err := s.cfg.syncDirs(s.dirPath, dateDir(s.opened)); err != nil {
+			// The file is whole but its name may not survive a power
+			// loss: count it, like a close error.
+			s.fail(WriteError, "sync directory", err)
+			return
+		}
 	}
 	err := s.file.Close()
 	s.file = nil
@@ -427,6 +453,22 @@ func (s *Saver) finish() {
 	m.PacketsSaved.Add(float64(s.w.records))
 	s.setState(Discarding)
 	s.cfg.Log.Debug("published", "uuid", s.uuid, "flow", s.flow, "path", path, "packets", s.w.records, "bytes", s.w.out.n)
+}
+
+// syncDirs syncs dir, the date directory rel under c.Dir, and the first
+// time, the date directories above it (see syncParents).
+func (c *Config) syncDirs(dir, rel string) error {
+	if err := syncDir(dir); err != nil {
+		return err
+	}
+	if p := c.syncedDir.Load(); p != nil && *p == dir {
+		return nil
+	}
+	if err := syncParents(dir, strings.Count(rel, "/")+1); err != nil {
+		return err
+	}
+	c.syncedDir.Store(&dir)
+	return nil
 }
 
 // fail ends the saver's work on an error: the flow's file, if any, is closed

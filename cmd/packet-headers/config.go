@@ -36,6 +36,7 @@ type Config struct {
 	PromListen      string
 	SigtermWait     time.Duration
 	Stream          bool
+	Fsync           bool
 	EventSocket     string
 	UUIDWait        time.Duration
 	CaptureBuffer   ByteSize
@@ -63,6 +64,7 @@ func newFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 		PollInterval:    10 * time.Millisecond,
 		LogLevel:        "info",
 		GzipLevel:       saver.DefaultLevel,
+		Fsync:           true,
 	}
 	fs.Var(&c.AnonymizeIP, "anonymize.ip", `Valid values are "none" and "netblock". netblock keeps remote IPv4 addresses to their /24 and IPv6 to their /48 in every file and log, with checksums kept consistent. (default none)`)
 	fs.DurationVar(&c.CaptureDuration, "captureduration", c.CaptureDuration, "Only save the first captureduration of each flow, to prevent long-lived flows from spamming the hard drive.")
@@ -78,6 +80,7 @@ func newFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&c.PromListen, "prometheusx.listen-address", c.PromListen, "The address on which Prometheus metrics are served at /metrics.")
 	fs.DurationVar(&c.SigtermWait, "sigtermwait", c.SigtermWait, "How long should the daemon hang around before exiting after receiving a SIGTERM.")
 	fs.BoolVar(&c.Stream, "stream", false, "Stream results to disk instead of buffering them in RAM.")
+	fs.BoolVar(&c.Fsync, "fsync", c.Fsync, "Sync each file to disk before giving it its name, and its directory after, so that a power loss never leaves an empty or partial file under a final name and every file published survives. false saves an fsync of the file and one of its directory per file.")
 	fs.StringVar(&c.EventSocket, "tcpinfo.eventsocket", "", "The filename of the unix-domain socket on which events are served. If unset, UUIDs come from the kernel directly (standalone mode).")
 	fs.DurationVar(&c.UUIDWait, "uuidwaitduration", c.UUIDWait, "Wait up to uuidwaitduration for each flow before either assigning a UUID or discarding all future packets. This prevents buffering unsaveable packets.")
 	fs.Var(&c.CaptureBuffer, "capture.buffersize", "The kernel capture ring per interface. A larger ring rides out longer bursts without dropping packets.")
