@@ -33,9 +33,9 @@ type Open struct {
 // Defaults for the limits that have no flag of the original's.
 const (
 	// DefaultMaxPending bounds the flows waiting for a UUID. A pending flow
-	// costs about 380 bytes of heap (its table entry with one packet, its
+	// costs about 410 bytes of heap (its table entry with one packet, its
 	// header bytes, its place in the expiry queue), twice that counting
-	// the garbage collector's headroom, so 25,000 of them are about 18 MB:
+	// the garbage collector's headroom, so 25,000 of them are about 20 MB:
 	// room for 5,000 new flows a second with a five-second UUID wait
 	// (measurement hosts see hundreds). A SYN flood beyond that evicts the
 	// oldest pending flows, so a real flow, named within milliseconds,
@@ -85,8 +85,8 @@ type Config struct {
 	LogKey func(flow.Key) string
 }
 
-// entry is one flow in the table. A flow is pending (saver is nil, its
-// packets are held) until its UUID arrives.
+// entry is one flow in the table: one TCP connection. A flow is pending
+// (saver is nil, its packets are held) until its UUID arrives.
 type entry struct {
 	saver *saver.Saver
 	// named is the Open of a flow named before its first packet: its saver
@@ -101,7 +101,36 @@ type entry struct {
 	first flow.Packet
 	more  []flow.Packet
 	gen   uint64 // the GC generation in which the flow last had a packet
+	conn  conn   // what is known of the connection's handshake and end
+	// pending is true while the flow waits for its UUID (it is counted in
+	// npending and referenced by the FIFO).
+	pending bool
+	// x is the state of a reused 4-tuple; nil for almost every flow.
+	x *reuse
 }
+
+// reuse is what an entry knows of the other connections on its 4-tuple.
+type reuse struct {
+	// next are the Opens that arrived for later connections on the
+	// 4-tuple (their UUIDs differ from this connection's), oldest first.
+	// The first packet of the next connection takes one of them.
+	next []Open
+	// prev is the connection this one replaced on the 4-tuple when that
+	// one was still waiting for its UUID, so that a late Open still names
+	// it. Each links to the one it replaced, up to maxChain.
+	prev *entry
+	// recent are the UUIDs of the last connections on the 4-tuple, so
+	// that an Open of one of them again (tcp-info restarted, or late) is
+	// not taken for a new connection's.
+	recent []string
+}
+
+// Bounds of the reuse state of one 4-tuple.
+const (
+	maxQueued = 8 // Opens waiting for a later connection
+	maxChain  = 8 // earlier connections still waiting for their UUIDs
+	maxRecent = 4 // UUIDs of earlier connections remembered
+)
 
 // npending returns how many packets a pending flow holds.
 func (e *entry) npending() int {
@@ -272,6 +301,11 @@ func (d *Demuxer) Packet(p flow.Packet) {
 		e = d.newPending(p.Key, d.clock(time.Now()))
 	}
 	e.gen = d.gen
+	// Only a connection's first packet, and SYNs, RSTs and FINs, can
+	// change which connection a packet belongs to.
+	if fl := tcpFlags(&p); fl&(tcpSYN|tcpRST|tcpFIN) != 0 || e.conn.flags&connSeen == 0 {
+		e = d.track(e, &p, fl)
+	}
 	if e.named != nil {
 		d.startSaver(e, *e.named)
 		e.named = nil
@@ -290,6 +324,87 @@ func (d *Demuxer) Packet(p flow.Packet) {
 	d.npkts++
 }
 
+// track follows the connection of e with p, and returns the entry p belongs
+// to: e, or a new entry if p starts a new connection on the 4-tuple. It also
+// chooses the UUID of a connection named before its first packet.
+func (d *Demuxer) track(e *entry, p *flow.Packet, fl byte) *entry {
+	seq, ack := tcpSeqAck(p)
+	if e.conn.startsNew(fl, seq, ack) {
+		e = d.split(e, p, fl)
+	} else if e.conn.flags&connSeen == 0 && e.named != nil && e.x != nil && len(e.x.next) > 0 {
+		// Several Opens came before the first packet.
+		d.pick(e, p, fl)
+	}
+	e.conn.record(fl, seq, ack, p.Time)
+	return e
+}
+
+// split ends the connection of c, whose 4-tuple p (a SYN or SYN-ACK) reuses
+// for a new connection, and returns the new connection's entry, which takes
+// c's place in the table. c's saver publishes; c, if it still waits for its
+// UUID, waits on aside for a late Open until its deadline.
+func (d *Demuxer) split(c *entry, p *flow.Packet, fl byte) *entry {
+	n := &entry{first: flow.Packet{Key: p.Key}, gen: d.gen}
+	x := &reuse{}
+	if c.x != nil {
+		x.next, x.prev, x.recent = c.x.next, c.x.prev, c.x.recent
+		c.x.next, c.x.recent = nil, nil
+	}
+	switch {
+	case c.saver != nil:
+		x.recent = addRecent(x.recent, c.saver.UUID())
+		c.saver.Close()
+	case c.pending:
+		x.prev = c
+	}
+	// Keep at most maxChain earlier connections waiting.
+	i := 0
+	for r := x.prev; r != nil; r = r.prevConn() {
+		if i++; i == maxChain && r.x != nil {
+			r.x.prev = nil
+		}
+	}
+	n.x = x
+	d.flows[p.Key] = n
+	if len(x.next) > 0 {
+		d.pick(n, p, fl)
+	}
+	if n.named == nil {
+		d.addPending(n, d.clock(time.Now()))
+	}
+	d.cfg.Log.Debug("4-tuple reused by a new connection", "flow", flowLog{p.Key, d.cfg.LogKey})
+	return n
+}
+
+func addRecent(recent []string, uuid string) []string {
+	if len(recent) == maxRecent {
+		copy(recent, recent[1:])
+		recent = recent[:maxRecent-1]
+	}
+	return append(recent, uuid)
+}
+
+// pick chooses, among the Opens that arrived for e's 4-tuple before the
+// first packet p of e's connection (e.named, then e.x.next), the one of e's
+// connection (see pickIndex); the older ones were of connections that ended
+// without a packet seen, the younger ones wait for later connections.
+func (d *Demuxer) pick(e *entry, p *flow.Packet, fl byte) {
+	var cands []Open
+	if e.named != nil {
+		cands = append(cands, *e.named)
+	}
+	cands = append(cands, e.x.next...)
+	i := pickIndex(len(cands), func(i int) time.Time { return cands[i].Time }, p.Time, fl&tcpSYN != 0)
+	for range i {
+		d.cfg.Saver.CountNoPackets()
+	}
+	e.named = &cands[i]
+	e.x.next = cands[i+1:]
+	if len(e.x.next) == 0 {
+		e.x.next = nil
+	}
+}
+
 // admit decides whether a new flow may enter the table.
 func (d *Demuxer) admit() bool {
 	switch {
@@ -305,11 +420,18 @@ func (d *Demuxer) admit() bool {
 }
 
 func (d *Demuxer) newPending(k flow.Key, now int64) *entry {
+	e := &entry{first: flow.Packet{Key: k}}
+	d.flows[k] = e
+	d.addPending(e, now)
+	return e
+}
+
+// addPending makes e wait for its UUID until UUIDWait after now.
+func (d *Demuxer) addPending(e *entry, now int64) {
 	if d.npending >= d.cfg.MaxPending {
 		d.evictOldestPending()
 	}
-	e := &entry{first: flow.Packet{Key: k}}
-	d.flows[k] = e
+	e.pending = true
 	d.fifo.push(pendingRef{e: e, deadline: now + int64(d.cfg.UUIDWait)})
 	d.npending++
 	d.gauges()
@@ -317,7 +439,6 @@ func (d *Demuxer) newPending(k flow.Key, now int64) *entry {
 	case d.pendingWake <- struct{}{}:
 	default:
 	}
-	return e
 }
 
 // Open names a flow. It must only be called from Run's goroutine, or in
@@ -326,8 +447,7 @@ func (d *Demuxer) Open(ev Open) {
 	d.WakeSavers()
 	d.cfg.Metrics.DemuxerUUIDCount.Inc()
 	e, ok := d.flows[ev.Key]
-	switch {
-	case !ok:
+	if !ok {
 		// The UUID arrived before the flow's first packet (or after the
 		// flow was dropped, or tcp-info restarted): the flow's saver
 		// starts with its first packet.
@@ -335,31 +455,122 @@ func (d *Demuxer) Open(ev Open) {
 			d.cfg.Metrics.MissedUUIDs.WithLabelValues("skipped").Inc()
 			return
 		}
-		d.flows[ev.Key] = &entry{gen: d.gen, named: &ev}
-	case e.named != nil:
-		if e.named.UUID != ev.UUID {
-			// A new socket on the 4-tuple before the old one sent a
-			// packet: the old flow ends without packets, and the new
-			// one waits as long as a newly named flow.
-			d.cfg.Saver.CountNoPackets()
-			e.named = &ev
-			e.gen = d.gen
-		}
-	case e.saver == nil:
-		d.startSaver(e, ev)
-		d.npkts -= e.npending()
-		e.release(e.saver.Push)
-		d.npending--
-	case e.saver.UUID() == ev.UUID:
+		d.flows[ev.Key] = &entry{gen: d.gen, named: &ev, first: flow.Packet{Key: ev.Key}}
+		d.gauges()
+		return
+	}
+	if e.knows(ev.UUID) {
 		// tcp-info sends Open again for every live socket when it
-		// restarts: nothing to do.
+		// restarts; an Open may also come late, after a new connection
+		// took the 4-tuple: nothing to do.
+		return
+	}
+	switch {
+	case e.conn.flags&connSeen == 0:
+		// Named before its first packet, and named again: a new socket
+		// on the 4-tuple, or several. The first packet chooses (pick),
+		// and the flow waits as long as a newly named flow.
+		d.queue(e, ev)
+		e.gen = d.gen
+	case e.conn.before(ev.Time):
+		// The socket was there before the flow's connection started:
+		// ev is of an earlier connection on the 4-tuple.
+		switch {
+		case d.nameEarlier(e, ev):
+		case e.pending && !e.conn.refused():
+			// None is known: the connection's first SYN was
+			// perhaps not captured, and ev is its UUID after all.
+			d.name(e, ev)
+		default:
+			d.cfg.Saver.CountNoPackets()
+		}
+	case e.pending && !e.conn.refused():
+		d.name(e, ev)
 	default:
-		// The 4-tuple was reused by a new socket before the old flow was
-		// collected: end the old flow, start the new one.
-		e.saver.Close()
-		d.startSaver(e, ev)
+		// The flow has another UUID (or never had a socket): ev is of
+		// a later connection on the 4-tuple, whose first packet has not
+		// arrived yet.
+		d.queue(e, ev)
 	}
 	d.gauges()
+}
+
+// prevConn returns the connection e replaced on its 4-tuple while that one
+// was waiting for its UUID, if e knows of one.
+func (e *entry) prevConn() *entry {
+	if e.x == nil {
+		return nil
+	}
+	return e.x.prev
+}
+
+// knows reports whether uuid is the UUID of e's connection or of another
+// connection on its 4-tuple that e knows of.
+func (e *entry) knows(uuid string) bool {
+	if e.saver != nil && e.saver.UUID() == uuid || e.named != nil && e.named.UUID == uuid {
+		return true
+	}
+	if e.x == nil {
+		return false
+	}
+	for _, o := range e.x.next {
+		if o.UUID == uuid {
+			return true
+		}
+	}
+	for _, u := range e.x.recent {
+		if u == uuid {
+			return true
+		}
+	}
+	return false
+}
+
+// queue keeps ev for a later connection on e's 4-tuple.
+func (d *Demuxer) queue(e *entry, ev Open) {
+	if e.x == nil {
+		e.x = &reuse{}
+	}
+	if len(e.x.next) == maxQueued {
+		d.cfg.Saver.CountNoPackets()
+		copy(e.x.next, e.x.next[1:])
+		e.x.next = e.x.next[:maxQueued-1]
+	}
+	e.x.next = append(e.x.next, ev)
+}
+
+// name gives the pending flow e its UUID: its saver starts with the packets
+// held.
+func (d *Demuxer) name(e *entry, ev Open) {
+	d.startSaver(e, ev)
+	d.npkts -= e.npending()
+	e.release(e.saver.Push)
+	e.pending = false
+	d.npending--
+}
+
+// nameEarlier names, with an Open dated before the connection of e started,
+// the earlier connection on the 4-tuple that it is of, if that is still
+// waiting for its UUID; its saver publishes at once. It reports whether the
+// Open was of an earlier connection that e knows of (named now, or already
+// ended without its UUID); if not, the Open is handled as any other.
+func (d *Demuxer) nameEarlier(e *entry, ev Open) bool {
+	for r := e.prevConn(); r != nil; r = r.prevConn() {
+		if r.conn.before(ev.Time) {
+			continue // older than r too
+		}
+		if !r.pending {
+			// r was named, or dropped at its deadline: ev is late.
+			d.cfg.Saver.CountNoPackets()
+			return true
+		}
+		d.name(r, ev)
+		r.saver.Close()
+		r.saver = nil // the entry stays linked; its saver is on its own now
+		e.x.recent = addRecent(e.x.recent, ev.UUID)
+		return true
+	}
+	return false
 }
 
 func (d *Demuxer) startSaver(e *entry, ev Open) {
@@ -384,16 +595,12 @@ func (d *Demuxer) GC() {
 		if e.gen >= d.gen {
 			continue
 		}
-		switch {
-		case e.saver != nil:
-			e.saver.Close()
+		if e.saver != nil {
 			d.cfg.Metrics.DemuxerSaversGCed.Inc()
-		case e.named != nil:
-			d.cfg.Saver.CountNoPackets()
-		default:
-			d.dropPending(e, d.droppedWait)
 		}
-		delete(d.flows, k)
+		if d.end(e) {
+			delete(d.flows, k)
+		}
 	}
 	d.gen++
 	d.fifo.shrink()
@@ -401,11 +608,66 @@ func (d *Demuxer) GC() {
 	d.cfg.Metrics.DemuxerGCLatency.Observe(time.Since(start).Seconds())
 }
 
+// end ends the connection of e, a flow in the table (see finish), and
+// reports whether e leaves the table: it stays if Opens wait in it for a
+// later connection on its 4-tuple, and waits then for that one's first
+// packet, as a flow named before its first packet does.
+func (d *Demuxer) end(e *entry) bool {
+	hadConn := e.conn.flags&connSeen != 0
+	var uuid string
+	if e.saver != nil {
+		uuid = e.saver.UUID()
+	}
+	d.finish(e)
+	if e.x == nil || len(e.x.next) == 0 {
+		return true
+	}
+	if !hadConn {
+		// Named several times and no packet came: none of them will.
+		d.countQueued(e)
+		return true
+	}
+	if uuid != "" {
+		e.x.recent = addRecent(e.x.recent, uuid)
+	}
+	e.saver = nil
+	e.named = &e.x.next[0]
+	e.x.next = e.x.next[1:]
+	e.conn = conn{}
+	e.gen = d.gen
+	return false
+}
+
+// finish ends the connection of e: its saver publishes, or its held packets
+// are dropped, or its UUID is counted as one without packets.
+func (d *Demuxer) finish(e *entry) {
+	switch {
+	case e.saver != nil:
+		e.saver.Close()
+	case e.named != nil:
+		d.cfg.Saver.CountNoPackets()
+	case e.pending:
+		d.dropPending(e, d.droppedWait)
+	}
+}
+
+// countQueued counts the Opens waiting in e for a later connection as UUIDs
+// without packets, and forgets them.
+func (d *Demuxer) countQueued(e *entry) {
+	if e.x == nil {
+		return
+	}
+	for range e.x.next {
+		d.cfg.Saver.CountNoPackets()
+	}
+	e.x.next = nil
+}
+
 // expirePending drops the flows that have waited UUIDWait for their UUID.
 func (d *Demuxer) expirePending(now int64) {
 	for d.fifo.len() > 0 {
 		r := d.fifo.front()
-		if d.isPending(r) && r.deadline > now {
+		if r.e.pending && r.deadline > now {
 			break
 		}
 		d.popPending(d.droppedWait)
@@ -418,7 +680,7 @@ func (d *Demuxer) evictOldestPending() {
 	for d.fifo.len() > 0 {
 		// Stale refs (flows named or collected since) are skipped; the
 		// first live one is dropped.
-		live := d.isPending(d.fifo.front())
+		live := d.fifo.front().e.pending
 		d.popPending(d.droppedLimit)
 		if live {
 			return
@@ -426,23 +688,31 @@ func (d *Demuxer) evictOldestPending() {
 	}
 }
 
-// isPending reports whether a FIFO ref still denotes a pending flow in the
-// table (the flow may have been named or collected since).
-func (d *Demuxer) isPending(r pendingRef) bool {
-	if r.e.saver != nil {
-		return false
-	}
-	e, ok := d.flows[r.e.first.Key]
-	return ok && e == r.e
-}
-
 // popPending removes the oldest FIFO ref, dropping its flow if still pending.
+// A flow in the table leaves it, unless Opens for a later connection wait in
+// it; an earlier connection set aside by a new one on its 4-tuple is only
+// dropped.
 func (d *Demuxer) popPending(reason prometheus.Counter) {
 	r := d.fifo.front()
 	d.fifo.pop()
-	if d.isPending(r) {
-		d.dropPending(r.e, reason)
-		delete(d.flows, r.e.first.Key)
+	e := r.e
+	if !e.pending {
+		return
+	}
+	k := e.first.Key
+	if d.flows[k] != e {
+		d.dropPending(e, reason)
+		return
+	}
+	if reason != d.droppedWait {
+		// Evicted: the Opens waiting in it go too.
+		d.dropPending(e, reason)
+		d.countQueued(e)
+		delete(d.flows, k)
+		return
+	}
+	if d.end(e) {
+		delete(d.flows, k)
 	}
 }
 
@@ -456,6 +726,7 @@ func (d *Demuxer) dropPending(e *entry, reason prometheus.Counter) {
 	d.cfg.Metrics.DemuxerIgnored.Add(float64(e.npending()))
 	d.npkts -= e.npending()
 	e.release(nil)
+	e.pending = false
 	d.npending--
 }
 
@@ -484,15 +755,13 @@ func (d *Demuxer) Flush() { d.shutdown() }
 func (d *Demuxer) shutdown() {
 	d.WakeSavers()
 	for k, e := range d.flows {
-		switch {
-		case e.saver != nil:
-			e.saver.Close()
-		case e.named != nil:
-			d.cfg.Saver.CountNoPackets()
-		default:
-			d.dropPending(e, d.droppedWait)
-		}
+		d.finish(e)
+		d.countQueued(e)
 		delete(d.flows, k)
+	}
+	// Earlier connections set aside by new ones on their 4-tuples.
+	for d.fifo.len() > 0 {
+		d.popPending(d.droppedWait)
 	}
 	d.fifo.reset()
 	d.gauges()

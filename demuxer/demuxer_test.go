@@ -2,6 +2,7 @@ package demuxer
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"io/fs"
 	"os"
@@ -244,15 +245,21 @@ func TestDuplicateAndReusedUUIDs(t *testing.T) {
 		if n := testutil.ToFloat64(h.m.SaversStarted); n != 1 {
 			t.Errorf("savers started = %v after a duplicate Open, want 1", n)
 		}
-		// A new socket on the same 4-tuple: the old flow ends.
+		// Another UUID on the same 4-tuple is a new socket's: it does not
+		// cut the flow, it names the next connection, from its SYN on.
 		h.open(pkts[0].Key, "second")
-		h.send(pkts[6:]...)
+		h.send(pkts[6:]...) // the flow ends with a RST
+		syn := pkts[0]
+		syn.Data = append([]byte(nil), syn.Data...)
+		binary.BigEndian.PutUint32(syn.Data[syn.L4+4:], binary.BigEndian.Uint32(syn.Data[syn.L4+4:])+12345)
+		syn.Time = pkts[len(pkts)-1].Time + int64(time.Second)
+		h.send(syn)
 		h.stop()
-		if got := h.count("first"); got != 6 {
-			t.Errorf("first file has %d packets, want 6", got)
+		if got := h.count("first"); got != len(pkts) {
+			t.Errorf("first file has %d packets, want %d", got, len(pkts))
 		}
-		if got := h.count("second"); got != len(pkts)-6 {
-			t.Errorf("second file has %d packets, want %d", got, len(pkts)-6)
+		if got := h.count("second"); got != 1 {
+			t.Errorf("second file has %d packets, want its SYN", got)
 		}
 	})
 }

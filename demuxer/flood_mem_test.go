@@ -184,7 +184,8 @@ func TestOpensWithoutPacketsStartNoGoroutine(t *testing.T) {
 		binary.BigEndian.PutUint32(raw[14+12:], 0xC6120002)
 		binary.BigEndian.PutUint16(raw[14+20:], uint16(1024+i))
 		binary.BigEndian.PutUint16(raw[14+22:], 443)
-		p, _, err := b.Build(raw, flow.LinkEthernet, int64(i), len(raw))
+		// Captured after the Opens (whose sockets tcp-info saw first).
+		p, _, err := b.Build(raw, flow.LinkEthernet, opened.UnixNano()+int64(i), len(raw))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -201,8 +202,9 @@ func TestOpensWithoutPacketsStartNoGoroutine(t *testing.T) {
 		t.Errorf("%v savers started before any packet", n)
 	}
 	// The same Open again (tcp-info restarted twice) changes nothing; a new
-	// UUID on a 4-tuple that had none of its packets yet replaces the old,
-	// which ends without packets.
+	// UUID on a 4-tuple that had none of its packets yet is of a new socket
+	// on it: a packet captured after both sockets were seen is the new
+	// one's, and the old one ends without packets.
 	d.Open(Open{Key: keys[0], UUID: "idle0", Time: opened})
 	d.Open(Open{Key: keys[1], UUID: "reused1", Time: opened})
 	// One flow sends: its saver starts and saves under its UUID.
@@ -263,13 +265,16 @@ func TestHasPending(t *testing.T) {
 
 // TestRenamedFlowWaitsAFullFlowTimeout: a new UUID on a 4-tuple still
 // waiting for its first packet waits one to two FlowTimeouts from then, not
-// from the old UUID.
+// from the old UUID; the SYN that comes then is the new socket's (the old
+// socket was seen long before it).
 func TestRenamedFlowWaitsAFullFlowTimeout(t *testing.T) {
-	d, _, dir := manualDemuxer(t, nil)
+	d, m, dir := manualDemuxer(t, nil)
 	v4 := readPackets(t, "v4.pcap")
-	d.Open(Open{Key: v4[0].Key, UUID: "old", Time: opened})
+	oldAt := time.Unix(0, v4[0].Time).Add(-time.Minute)
+	newAt := time.Unix(0, v4[2].Time).Add(time.Millisecond) // established
+	d.Open(Open{Key: v4[0].Key, UUID: "old", Time: oldAt})
 	d.GC() // "old" has waited one tick
-	d.Open(Open{Key: v4[0].Key, UUID: "new", Time: opened})
+	d.Open(Open{Key: v4[0].Key, UUID: "new", Time: newAt})
 	d.GC() // "new" has waited one tick: it stays
 	if len(d.flows) != 1 {
 		t.Fatalf("the renamed flow was collected one tick after its Open")
@@ -278,7 +283,10 @@ func TestRenamedFlowWaitsAFullFlowTimeout(t *testing.T) {
 		d.Packet(p)
 	}
 	d.Flush()
-	if _, err := os.Stat(saver.DatePath(dir, "new", opened)); err != nil {
+	if _, err := os.Stat(saver.DatePath(dir, "new", newAt)); err != nil {
 		t.Errorf("the renamed flow was not saved under its new UUID: %v", err)
+	}
+	if n := testutil.ToFloat64(m.SaverErrors.WithLabelValues("nopackets")); n != 1 {
+		t.Errorf("nopackets errors %v, want 1 (the old UUID)", n)
 	}
 }
