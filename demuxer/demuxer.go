@@ -180,6 +180,8 @@ type Demuxer struct {
 	// monotonic: a step of the wall clock neither drops every pending flow
 	// nor keeps them longer.
 	epoch time.Time
+	// now is time.Now; tests replace it to drive the demuxer's clock.
+	now func() time.Time
 
 	missedPending prometheus.Counter
 	shedMaxFlows  prometheus.Counter
@@ -222,6 +224,7 @@ func New(cfg Config) *Demuxer {
 		heapSample:    []metrics.Sample{{Name: "/gc/heap/live:bytes"}},
 		pendingWake:   make(chan struct{}, 1),
 		epoch:         time.Now(),
+		now:           time.Now,
 	}
 }
 
@@ -245,12 +248,31 @@ func (d *Demuxer) PendingWake() <-chan struct{} { return d.pendingWake }
 // stops capturing first so that no packet with a UUID is lost. ctx only
 // stops the waiting for events; events may stay open.
 func (d *Demuxer) Run(ctx context.Context, packets <-chan *flow.Batch, events <-chan Open) {
-	gc := time.NewTicker(d.cfg.FlowTimeout)
+	gc := time.NewTimer(d.cfg.FlowTimeout)
 	defer gc.Stop()
 	// Pending flows are checked several times per UUIDWait so that one
 	// lives at most 25% longer than its wait.
 	sweep := time.NewTicker(max(d.cfg.UUIDWait/4, time.Millisecond))
 	defer sweep.Stop()
+	d.run(ctx, packets, events, ticks{
+		gc:    gc.C,
+		sweep: sweep.C,
+		// The next GC is a full FlowTimeout after this one ended,
+		// however late this one was.
+		gcDone: func() { gc.Reset(d.cfg.FlowTimeout) },
+	})
+}
+
+// ticks are the clock events of Run's loop. Tests drive the loop with their
+// own.
+type ticks struct {
+	gc, sweep <-chan time.Time
+	// gcDone and sweepDone, if not nil, are called after each GC and
+	// each sweep.
+	gcDone, sweepDone func()
+}
+
+func (d *Demuxer) run(ctx context.Context, packets <-chan *flow.Batch, events <-chan Open, t ticks) {
 	for {
 		select {
 		case b, ok := <-packets:
@@ -258,23 +280,34 @@ func (d *Demuxer) Run(ctx context.Context, packets <-chan *flow.Batch, events <-
 				d.shutdown()
 				return
 			}
-			for i := range b.Packets {
-				d.Packet(b.Packets[i])
-			}
-			flow.PutBatch(b)
-			d.WakeSavers()
+			d.batch(b)
 		case ev := <-events:
 			d.Open(ev)
-		case <-gc.C:
+		case <-t.gc:
 			d.GC()
-		case now := <-sweep.C:
-			d.expirePending(d.clock(now))
+			if t.gcDone != nil {
+				t.gcDone()
+			}
+		case <-t.sweep:
+			d.expirePending(d.clock(d.now()))
 			d.checkHeap()
+			if t.sweepDone != nil {
+				t.sweepDone()
+			}
 		case <-ctx.Done():
 			events = nil
 			ctx = context.Background()
 		}
 	}
+}
+
+// batch routes a batch of packets and returns it to the pool.
+func (d *Demuxer) batch(b *flow.Batch) {
+	for i := range b.Packets {
+		d.Packet(b.Packets[i])
+	}
+	flow.PutBatch(b)
+	d.WakeSavers()
 }
 
 // WakeSavers wakes the savers that Packet queued packets for. Run calls it
@@ -298,7 +331,7 @@ func (d *Demuxer) Packet(p flow.Packet) {
 			d.cfg.Metrics.DemuxerIgnored.Inc()
 			return
 		}
-		e = d.newPending(p.Key, d.clock(time.Now()))
+		e = d.newPending(p.Key, d.clock(d.now()))
 	}
 	e.gen = d.gen
 	// Only a connection's first packet, and SYNs, RSTs and FINs, can
@@ -370,7 +403,7 @@ func (d *Demuxer) split(c *entry, p *flow.Packet, fl byte) *entry {
 		d.pick(n, p, fl)
 	}
 	if n.named == nil {
-		d.addPending(n, d.clock(time.Now()))
+		d.addPending(n, d.clock(d.now()))
 	}
 	d.cfg.Log.Debug("4-tuple reused by a new connection", "flow", flowLog{p.Key, d.cfg.LogKey})
 	return n

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -35,6 +36,8 @@ func readPackets(t testing.TB, name string) []flow.Packet {
 	return pkts
 }
 
+// harness runs a demuxer's loop (Run's, with the test's clock events in
+// place of its timers) on packet and event channels.
 type harness struct {
 	t       *testing.T
 	dir     string
@@ -43,6 +46,12 @@ type harness struct {
 	packets chan *flow.Batch
 	events  chan Open
 	done    chan struct{}
+	// gcC and sweepC are the loop's GC and sweep ticks; ticked receives
+	// when the loop has handled one.
+	gcC, sweepC chan time.Time
+	ticked      chan struct{}
+	// clock is the demuxer's clock, in ns after its epoch.
+	clock atomic.Int64
 }
 
 func newHarness(t *testing.T, tweak func(*Config)) *harness {
@@ -53,6 +62,9 @@ func newHarness(t *testing.T, tweak func(*Config)) *harness {
 		packets: make(chan *flow.Batch),
 		events:  make(chan Open),
 		done:    make(chan struct{}),
+		gcC:     make(chan time.Time),
+		sweepC:  make(chan time.Time),
+		ticked:  make(chan struct{}),
 	}
 	cfg := Config{
 		FlowTimeout: 30 * time.Second,
@@ -68,13 +80,35 @@ func newHarness(t *testing.T, tweak func(*Config)) *harness {
 		tweak(&cfg)
 	}
 	h.d = New(cfg)
+	epoch := h.d.epoch
+	h.d.now = func() time.Time { return epoch.Add(time.Duration(h.clock.Load())) }
+	tick := func() { h.ticked <- struct{}{} }
 	go func() {
-		h.d.Run(context.Background(), h.packets, h.events)
+		h.d.run(context.Background(), h.packets, h.events, ticks{gc: h.gcC, sweep: h.sweepC, gcDone: tick, sweepDone: tick})
 		close(h.done)
 	}()
 	return h
 }
 
+// gc makes the loop collect idle flows, as its FlowTimeout timer does, and
+// returns once it has.
+func (h *harness) gc() {
+	h.gcC <- time.Time{}
+	<-h.ticked
+}
+
+// sweep makes the loop expire the pending flows whose UUID wait is over, as
+// its sweep ticker does, and returns once it has.
+func (h *harness) sweep() {
+	h.sweepC <- time.Time{}
+	<-h.ticked
+}
+
+// advance moves the demuxer's clock forward.
+func (h *harness) advance(d time.Duration) { h.clock.Add(int64(d)) }
+
+// send hands packets to the loop in batches, and returns once it has routed
+// them.
 func (h *harness) send(pkts ...flow.Packet) {
 	for len(pkts) > 0 {
 		b := flow.GetBatch()
@@ -83,9 +117,18 @@ func (h *harness) send(pkts ...flow.Packet) {
 		pkts = pkts[n:]
 		h.packets <- b
 	}
+	h.sync()
 }
 
-func (h *harness) open(k flow.Key, uuid string) { h.events <- Open{Key: k, UUID: uuid, Time: opened} }
+// open hands an Open to the loop, and returns once it has handled it.
+func (h *harness) open(k flow.Key, uuid string) {
+	h.events <- Open{Key: k, UUID: uuid, Time: opened}
+	h.sync()
+}
+
+// sync returns once the loop has handled what was handed to it: it takes
+// the next batch only then.
+func (h *harness) sync() { h.packets <- flow.GetBatch() }
 
 func (h *harness) stop() {
 	close(h.packets)
@@ -120,10 +163,11 @@ func TestUUIDTiming(t *testing.T) {
 		wantCount int // -1: all packets; -1-n: all but the first n
 	}{
 		{
-			name: "uuid after the first packets, in time",
+			name: "uuid after the first packets, just in time",
 			run: func(h *harness, pkts []flow.Packet) {
 				h.send(pkts[:3]...)
-				time.Sleep(time.Second)
+				h.advance(5*time.Second - 1)
+				h.sweep()
 				h.open(pkts[0].Key, "u")
 				h.send(pkts[3:]...)
 			},
@@ -143,8 +187,8 @@ func TestUUIDTiming(t *testing.T) {
 			name: "uuid too late",
 			run: func(h *harness, pkts []flow.Packet) {
 				h.send(pkts[:3]...)
-				time.Sleep(7 * time.Second)
-				synctest.Wait()
+				h.advance(5 * time.Second)
+				h.sweep()
 				if n := testutil.ToFloat64(h.m.PendingDropped.WithLabelValues("uuidtimeout")); n != 1 {
 					h.t.Errorf("pending dropped = %v, want 1", n)
 				}
@@ -163,8 +207,8 @@ func TestUUIDTiming(t *testing.T) {
 			name: "uuid never",
 			run: func(h *harness, pkts []flow.Packet) {
 				h.send(pkts...)
-				time.Sleep(7 * time.Second)
-				synctest.Wait()
+				h.advance(5 * time.Second)
+				h.sweep()
 				if n := testutil.ToFloat64(h.m.PendingFlows); n != 0 {
 					h.t.Errorf("pending flows = %v, want 0", n)
 				}
@@ -174,25 +218,23 @@ func TestUUIDTiming(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			synctest.Test(t, func(t *testing.T) {
-				h := newHarness(t, nil)
-				pkts := readPackets(t, "v4.pcap")
-				tt.run(h, pkts)
-				h.stop()
-				if got := h.exists("u"); got != tt.wantFile {
-					t.Fatalf("file exists = %v, want %v", got, tt.wantFile)
-				}
-				if !tt.wantFile {
-					return
-				}
-				want := tt.wantCount
-				if want < 0 {
-					want = len(pkts) + 1 + want
-				}
-				if got := h.count("u"); got != want {
-					t.Errorf("file has %d packets, want %d", got, want)
-				}
-			})
+			h := newHarness(t, nil)
+			pkts := readPackets(t, "v4.pcap")
+			tt.run(h, pkts)
+			h.stop()
+			if got := h.exists("u"); got != tt.wantFile {
+				t.Fatalf("file exists = %v, want %v", got, tt.wantFile)
+			}
+			if !tt.wantFile {
+				return
+			}
+			want := tt.wantCount
+			if want < 0 {
+				want = len(pkts) + 1 + want
+			}
+			if got := h.count("u"); got != want {
+				t.Errorf("file has %d packets, want %d", got, want)
+			}
 		})
 	}
 }
@@ -207,12 +249,11 @@ func TestGCPublishesIdleFlows(t *testing.T) {
 		h.send(v6[:2]...)
 		// v6 keeps sending; v4 goes quiet. After two GC ticks v4 is
 		// collected and published, v6 is not.
-		for i := 0; i < 2; i++ {
-			time.Sleep(30 * time.Second)
+		for i := range 2 {
+			h.gc()
 			h.send(v6[2+i])
 		}
-		time.Sleep(time.Second)
-		synctest.Wait()
+		synctest.Wait() // for v4's saver
 		if !h.exists("v4") {
 			t.Errorf("idle flow not published after two flow timeouts")
 		}
@@ -229,6 +270,61 @@ func TestGCPublishesIdleFlows(t *testing.T) {
 		if got, want := h.count("v6"), 4; got != want {
 			t.Errorf("v6 file has %d packets, want %d", got, want)
 		}
+	})
+}
+
+// TestRunTimers checks Run's own timers, in the virtual time of a synctest
+// bubble (the other tests drive the loop's clock events themselves): a
+// pending flow is dropped at the first sweep (every UUIDWait/4) at or after
+// UUIDWait from its first packet, and an idle flow is collected by the
+// second GC, FlowTimeout after the first. The checks are made between timer
+// instants, once every goroutine of the bubble is idle.
+func TestRunTimers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		m := metrics.New(prometheus.NewRegistry())
+		d := New(Config{
+			FlowTimeout: 30 * time.Second,
+			UUIDWait:    4 * time.Second,
+			Saver:       &saver.Config{Dir: t.TempDir(), CaptureDuration: time.Hour, Metrics: m},
+			Metrics:     m,
+		})
+		packets, events, done := make(chan *flow.Batch), make(chan Open), make(chan struct{})
+		go func() {
+			d.Run(context.Background(), packets, events)
+			close(done)
+		}()
+		send := func(pkts ...flow.Packet) {
+			b := flow.GetBatch()
+			b.Packets = append(b.Packets, pkts...)
+			packets <- b
+		}
+		v4, v6 := readPackets(t, "v4.pcap"), readPackets(t, "v6.pcap")
+		events <- Open{Key: v4[0].Key, UUID: "v4", Time: opened}
+		send(v4...)
+		send(v6[0]) // never named
+		start := time.Now()
+		at := func(d time.Duration) {
+			time.Sleep(time.Until(start.Add(d)))
+			synctest.Wait()
+		}
+		at(3500 * time.Millisecond)
+		if n := testutil.ToFloat64(m.PendingFlows); n != 1 {
+			t.Errorf("%v pending flows before UUIDWait, want 1", n)
+		}
+		at(4500 * time.Millisecond)
+		if n := testutil.ToFloat64(m.PendingFlows); n != 0 {
+			t.Errorf("%v pending flows after UUIDWait, want 0", n)
+		}
+		at(45 * time.Second)
+		if n := testutil.ToFloat64(m.DemuxerSaversGCed); n != 0 {
+			t.Errorf("%v flows collected by the first GC, want 0", n)
+		}
+		at(75 * time.Second)
+		if n := testutil.ToFloat64(m.DemuxerSaversGCed); n != 1 {
+			t.Errorf("%v flows collected by the second GC, want 1", n)
+		}
+		close(packets)
+		<-done
 	})
 }
 
