@@ -1,10 +1,52 @@
 // Package demuxer owns the flow table: it sends each captured packet to the
 // saver of its flow, holds the packets of flows whose UUID is not known yet,
 // starts a saver when a flow's UUID arrives, and ends flows that have gone
-// idle.
+// idle. A flow is one TCP connection: a new connection on a 4-tuple still in
+// the table gets its own flow (see conn.go).
 //
 // All of the demuxer's state belongs to the one goroutine that runs Run, so
 // the per-packet path takes no lock of its own.
+//
+// # Timing
+//
+// The demuxer's clock is monotonic and its times are those at which a packet
+// or an Open reaches it (is taken from its channel), so that the delays of
+// the stages before it (capture hands a packet on at most a few hundred
+// milliseconds after capturing it, the eventsocket client an Open 50 ms after
+// tcp-info sent it) do not eat into its timeouts. What it holds, and for how
+// long at most:
+//
+//   - A packet of a flow with a UUID: queued to the flow's saver at once; the
+//     saver is woken after the packet's batch (at most 128 packets).
+//   - A packet of a flow without a UUID: held until the UUID arrives, at most
+//     UUIDWait after the flow's first packet reached the demuxer plus the time
+//     to the next sweep (every UUIDWait/4), so at most 1.25 UUIDWait; then it
+//     is dropped. At most PendingPackets per flow and MaxPendingPackets in all
+//     are held. An earlier connection that a new one replaced on its 4-tuple
+//     keeps its own deadline.
+//   - An Open: applied at once. An Open that comes before its flow's first
+//     packet waits in the table for that packet, one to two FlowTimeouts (as
+//     an idle flow does), then counts as a UUID without packets. An Open of a
+//     new connection on a 4-tuple whose flow is still in the table waits in
+//     that flow for the new connection's SYN (capture hands it on within a few
+//     hundred milliseconds), at most until the flow is collected, then as an
+//     Open before its first packet.
+//   - Idle flows (GC): a flow ends when no packet of it has reached the
+//     demuxer for at least one FlowTimeout, and at most two FlowTimeouts plus
+//     the time the loop takes to reach its timer. Each GC ends the flows
+//     without a packet since the previous GC, and a GC comes a full
+//     FlowTimeout after the previous one ended, however late that ran. With a
+//     capture delay of at most D, a flow whose packets are captured less than
+//     FlowTimeout-D apart is never ended.
+//   - Before a GC or a sweep the loop handles the packets and Opens already
+//     waiting in its channels (up to maxDrain), so that neither ends a flow
+//     whose packet or UUID has already reached the demuxer.
+//   - Capture duration is the saver's: it ends a file at the first packet
+//     captured CaptureDuration or more after the flow's first packet, by their
+//     capture timestamps, which the demuxer hands on unchanged and in order.
+//     (The saver also ends a file by its own timer, CaptureDuration after it
+//     got its first packet; a packet that capture held up to D longer than
+//     that first one can then miss the last D of the flow's file.)
 package demuxer
 
 import (
@@ -56,11 +98,12 @@ const (
 
 // Config holds the demuxer's settings.
 type Config struct {
-	// FlowTimeout: a flow without packets for one to two FlowTimeouts has
-	// ended; its saver publishes its file.
+	// FlowTimeout: a flow none of whose packets has reached the demuxer
+	// for one to two FlowTimeouts has ended; its saver publishes its file.
 	FlowTimeout time.Duration
 	// UUIDWait: a flow whose UUID has not arrived this long after its first
-	// packet is dropped, with its packets.
+	// packet reached the demuxer (checked every UUIDWait/4) is dropped,
+	// with its packets.
 	UUIDWait time.Duration
 	// MaxFlows limits the flows in the table; 0 means no limit.
 	MaxFlows int
@@ -284,11 +327,19 @@ func (d *Demuxer) run(ctx context.Context, packets <-chan *flow.Batch, events <-
 		case ev := <-events:
 			d.Open(ev)
 		case <-t.gc:
+			if !d.drain(packets, events) {
+				d.shutdown()
+				return
+			}
 			d.GC()
 			if t.gcDone != nil {
 				t.gcDone()
 			}
 		case <-t.sweep:
+			if !d.drain(packets, events) {
+				d.shutdown()
+				return
+			}
 			d.expirePending(d.clock(d.now()))
 			d.checkHeap()
 			if t.sweepDone != nil {
@@ -299,6 +350,33 @@ func (d *Demuxer) run(ctx context.Context, packets <-chan *flow.Batch, events <-
 			ctx = context.Background()
 		}
 	}
+}
+
+// maxDrain bounds the batches and Opens drain takes, so that a GC or a sweep
+// is not put off for long under a flood: 256 batches of 128 packets take a
+// few milliseconds.
+const maxDrain = 256
+
+// drain handles the batches and Opens that are already waiting in the
+// channels, up to maxDrain of them: a GC or a sweep that comes at the same
+// time as they do (select takes ready cases in random order) must not end a
+// flow whose packet or UUID has already reached the demuxer. It reports
+// false if packets is closed.
+func (d *Demuxer) drain(packets <-chan *flow.Batch, events <-chan Open) bool {
+	for range maxDrain {
+		select {
+		case b, ok := <-packets:
+			if !ok {
+				return false
+			}
+			d.batch(b)
+		case ev := <-events:
+			d.Open(ev)
+		default:
+			return true
+		}
+	}
+	return true
 }
 
 // batch routes a batch of packets and returns it to the pool.
@@ -620,8 +698,8 @@ type flowLog struct {
 func (f flowLog) LogValue() slog.Value { return slog.StringValue(f.format(f.k)) }
 
 // GC ends flows without packets since the previous call: their savers
-// publish. Run calls it every FlowTimeout, so a flow is ended after one to two
-// FlowTimeouts of silence.
+// publish. Run calls it FlowTimeout after the previous call ended, so a flow
+// is ended after one to two FlowTimeouts of silence.
 func (d *Demuxer) GC() {
 	start := time.Now()
 	for k, e := range d.flows {
