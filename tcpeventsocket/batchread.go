@@ -109,7 +109,7 @@ func (r *pollingReader) Read(p []byte) (int, error) {
 	}
 	for {
 		if err := r.ctx.Err(); err != nil {
-			return 0, err
+			return r.drain(p, err)
 		}
 		// A raw system call: recv with MSG_DONTWAIT never blocks, and
 		// unlike syscall.Syscall a raw call does not wake the runtime's
@@ -141,10 +141,27 @@ func (r *pollingReader) Read(p []byte) (int, error) {
 		}
 		select {
 		case <-r.ctx.Done():
-			return 0, r.ctx.Err()
 		case <-r.timer.C:
 		}
 		r.wait = min(2*r.wait, readIdleGap)
+	}
+}
+
+// drain returns what the socket holds once ctx is done: tcp-info wrote those
+// events before the stop, and the daemon names their flows before it
+// publishes the last files. With nothing left, it returns err.
+func (r *pollingReader) drain(p []byte, err error) (int, error) {
+	for {
+		r1, _, errno := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(r.fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), unix.MSG_DONTWAIT, 0, 0)
+		switch n := int(r1); {
+		case errno == unix.EINTR:
+			continue
+		case errno == 0 && n > 0:
+			return n, nil
+		case errno == 0:
+			return 0, io.EOF
+		}
+		return 0, err
 	}
 }
 

@@ -179,11 +179,9 @@ func (c *Client) serve(ctx context.Context, conn net.Conn) (healthy bool, err er
 	defer src.Close()
 	r := bufio.NewReaderSize(src, MaxLineLen)
 	for {
-		// Lines already buffered are not delivered once ctx is done: the
-		// handler may be shutting down too.
-		if ctx.Err() != nil {
-			return healthy, ctx.Err()
-		}
+		// Once ctx is done the reader returns what the socket still
+		// holds, then the context's error: every event tcp-info wrote
+		// before the stop is delivered.
 		line, err := r.ReadSlice('\n')
 		switch {
 		case errors.Is(err, bufio.ErrBufferFull):
@@ -194,6 +192,9 @@ func (c *Client) serve(ctx context.Context, conn net.Conn) (healthy bool, err er
 			continue
 		case err != nil && len(line) == 0:
 			return healthy, endErr(err)
+		case err != nil && ctx.Err() != nil:
+			// A line cut short by the stop, not by tcp-info.
+			return healthy, ctx.Err()
 		}
 		if c.SkipClose && bytes.HasPrefix(line, closePrefix) {
 			c.received[Close].Inc()

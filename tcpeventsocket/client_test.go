@@ -488,3 +488,27 @@ func TestClientSkipClose(t *testing.T) {
 		t.Errorf("close events counted %v, want 1", got)
 	}
 }
+
+// TestClientDeliversEventsWrittenBeforeStop: the events tcp-info wrote before
+// the stop but the client had not read yet are delivered before Run returns,
+// so that the daemon names their flows before it publishes the last files.
+func TestClientDeliversEventsWrittenBeforeStop(t *testing.T) {
+	checkGoroutines(t)
+	path := sockPath(t)
+	ln := listen(t, path)
+	tc := startClient(t, path)
+	c := accept(t, ln)
+	send(t, c, open("first"))
+	tc.expectUUIDs(t, "first") // reading; now it waits for more
+	var want []string
+	var lines string
+	for i := range 50 {
+		u := fmt.Sprintf("late%02d", i)
+		want = append(want, u)
+		lines += open(u)
+	}
+	// One write: in the socket's buffer before the stop begins.
+	send(t, c, lines)
+	tc.stop(t)
+	tc.expectUUIDs(t, want...)
+}
