@@ -9,6 +9,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"debug/elf"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -120,14 +121,6 @@ func hasInstruction(stage []instruction, op, args string) bool {
 	return slices.Contains(stage, instruction{op, args})
 }
 
-// debianCodename is the release of a golang:X-<codename> or
-// debian:<codename>[-slim] image.
-func debianCodename(image string) string {
-	_, tag, _ := strings.Cut(image, ":")
-	tag = strings.TrimSuffix(tag, "-slim")
-	return tag[strings.LastIndex(tag, "-")+1:]
-}
-
 // TestDockerBuildSteps checks that the Dockerfile builds with
 // deploy/docker-build-steps.sh and runs what this test runs: the build, the
 // file capability, and the binary as nobody.
@@ -176,13 +169,8 @@ func TestDockerBuildSteps(t *testing.T) {
 				}
 			}
 		}
-		// Both stages on the same Debian release, so that the libpcap the
-		// binary was linked against is the one it runs with; the Go of
-		// the build image is go.mod's.
+		// The Go of the build image is go.mod's.
 		from := func(s []instruction) string { return strings.Fields(s[0].args)[0] }
-		if b, f := debianCodename(from(build)), debianCodename(from(final)); b != f {
-			t.Errorf("build stage on Debian %q (%s), final stage on %q (%s): libpcap may differ", b, from(build), f, from(final))
-		}
 		goVersion := regexp.MustCompile(`(?m)^go (\d+\.\d+)`).FindStringSubmatch(readFile(t, "go.mod"))
 		if goVersion == nil || !strings.HasPrefix(from(build), "golang:"+goVersion[1]+"-") {
 			t.Errorf("build stage FROM %s, want golang:%s-… (go.mod's Go)", from(build), goVersion)
@@ -190,6 +178,25 @@ func TestDockerBuildSteps(t *testing.T) {
 	})
 
 	bin := daemonBinary(t)
+
+	// The image installs no library for the daemon: the binary must need
+	// none (no dynamic loader, no shared library), whatever the build
+	// image's and the final image's C libraries are.
+	t.Run("static binary", func(t *testing.T) {
+		f, err := elf.Open(bin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		for _, p := range f.Progs {
+			if p.Type == elf.PT_INTERP {
+				t.Errorf("%s has a dynamic loader (PT_INTERP): built with cgo? The final image has no library for it", bin)
+			}
+		}
+		if libs, err := f.ImportedLibraries(); err != nil || len(libs) > 0 {
+			t.Errorf("%s needs shared libraries %q (%v): the final image installs none", bin, libs, err)
+		}
+	})
 
 	t.Run("setcap", func(t *testing.T) {
 		if os.Geteuid() != 0 {
@@ -341,6 +348,7 @@ func runUntilStarted(t *testing.T, run func(context.Context, string, ...string) 
 type program struct {
 	name  string
 	bin   string
+	help  string
 	flags map[string]bool // name → is a bool flag
 	// checkValues: the binary parses arguments followed by -help without
 	// touching the system, so a bad value is an error.
@@ -355,7 +363,7 @@ func newProgram(t *testing.T, name, bin string, checkValues bool) *program {
 	if err != nil && !strings.Contains(string(out), "Usage") {
 		t.Fatalf("%s -help: %v\n%s", bin, err, out)
 	}
-	p := &program{name: name, bin: bin, flags: map[string]bool{}, checkValues: checkValues}
+	p := &program{name: name, bin: bin, help: string(out), flags: map[string]bool{}, checkValues: checkValues}
 	for _, m := range helpFlag.FindAllStringSubmatch(string(out), -1) {
 		p.flags[m[1]] = m[2] == ""
 	}
@@ -397,6 +405,43 @@ func (p *program) checkArgs(t *testing.T, where string, args []string) {
 	}
 }
 
+// value returns the value args give flag name, or the flag's default from
+// -help ("" if it shows none).
+func (p *program) value(t *testing.T, args []string, name string) string {
+	t.Helper()
+	if v, ok := flagValue(args, name); ok {
+		return v
+	}
+	if _, ok := p.flags[name]; !ok {
+		t.Fatalf("%s has no flag -%s", p.name, name)
+	}
+	// -help prints each flag as "  -name type" and its usage on the
+	// following lines, each indented by four spaces and a tab, the last
+	// ending with "(default X)" if the default is not the zero value.
+	m := regexp.MustCompile(`(?m)^  -` + regexp.QuoteMeta(name) + `( \S+)?\n((?:    \t.*\n?)*)`).FindStringSubmatch(p.help)
+	if m == nil {
+		t.Fatalf("%s -help: no usage of -%s", p.name, name)
+	}
+	if d := regexp.MustCompile(`\(default ([^)]*)\)\s*$`).FindStringSubmatch(m[2]); d != nil {
+		if s, err := strconv.Unquote(d[1]); err == nil {
+			return s
+		}
+		return d[1]
+	}
+	return ""
+}
+
+// duration is the value of a duration flag.
+func (p *program) duration(t *testing.T, args []string, name string) time.Duration {
+	t.Helper()
+	v := p.value(t, args, name)
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		t.Fatalf("-%s=%s: %v", name, v, err)
+	}
+	return d
+}
+
 func firstLine(b []byte) string {
 	s, _, _ := strings.Cut(string(b), "\n")
 	return s
@@ -423,77 +468,6 @@ func goModVersion(t *testing.T, module string) string {
 		t.Fatalf("go list -m %s: %v", module, err)
 	}
 	return strings.TrimSpace(string(out))
-}
-
-// systemdExecStart returns the arguments of each ExecStart= line of a unit,
-// with continuation lines joined.
-func systemdExecStart(unit string) [][]string {
-	var cmds [][]string
-	joined := strings.ReplaceAll(unit, "\\\n", " ")
-	for line := range strings.Lines(joined) {
-		v, ok := strings.CutPrefix(strings.TrimSpace(line), "ExecStart=")
-		if !ok {
-			continue
-		}
-		v = strings.TrimLeft(v, "-@:+!|")
-		cmds = append(cmds, strings.Fields(v))
-	}
-	return cmds
-}
-
-// unitValues returns the values of a key in a unit, in order.
-func unitValues(unit, key string) []string {
-	var vs []string
-	for line := range strings.Lines(unit) {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(line), key+"="); ok {
-			vs = append(vs, v)
-		}
-	}
-	return vs
-}
-
-func loadDaemonSet(t *testing.T) map[string]any {
-	t.Helper()
-	v, err := parseYAML(readFile(t, "deploy/k8s/daemonset.yaml"))
-	if err != nil {
-		t.Fatalf("deploy/k8s/daemonset.yaml: %v", err)
-	}
-	m, ok := v.(map[string]any)
-	if !ok {
-		t.Fatalf("deploy/k8s/daemonset.yaml: not a mapping")
-	}
-	return m
-}
-
-// get follows a path of mapping keys and sequence indexes.
-func get(v any, path ...any) any {
-	for _, p := range path {
-		switch k := p.(type) {
-		case string:
-			m, _ := v.(map[string]any)
-			v = m[k]
-		case int:
-			s, _ := v.([]any)
-			if k >= len(s) {
-				return nil
-			}
-			v = s[k]
-		}
-	}
-	return v
-}
-
-func stringList(v any) []string {
-	var out []string
-	s, _ := v.([]any)
-	for _, e := range s {
-		str, ok := e.(string)
-		if !ok {
-			str = fmt.Sprint(e) // reported by the caller as not a flag
-		}
-		out = append(out, str)
-	}
-	return out
 }
 
 // flagValue returns the value of -name=value in args, if present.
@@ -535,35 +509,36 @@ func TestDeployFlagsExist(t *testing.T) {
 	})
 
 	t.Run("k8s", func(t *testing.T) {
-		ds := loadDaemonSet(t)
+		ds := loadDaemonSet(t, daemonSetPath)
 		programs := map[string]*program{"packet-headers": daemon, "tcp-info": tcpinfo}
-		containers, _ := get(ds, "spec", "template", "spec", "containers").([]any)
 		seen := map[string]bool{}
-		for i := range containers {
-			name, _ := get(containers, i, "name").(string)
-			p, ok := programs[name]
+		for _, c := range ds.Spec.Template.Spec.Containers {
+			p, ok := programs[c.Name]
 			if !ok {
-				t.Errorf("daemonset.yaml: container %q: no flag list to check its args against", name)
+				t.Errorf("%s: container %q: no flag list to check its args against", daemonSetPath, c.Name)
 				continue
 			}
-			seen[name] = true
-			if cmd := get(containers, i, "command"); cmd != nil {
-				t.Errorf("daemonset.yaml: container %q sets command: the image's entrypoint is the daemon", name)
+			seen[c.Name] = true
+			if c.Command != nil {
+				t.Errorf("%s: container %q sets command: the image's entrypoint is the daemon", daemonSetPath, c.Name)
 			}
-			p.checkArgs(t, "daemonset.yaml container "+name, stringList(get(containers, i, "args")))
+			p.checkArgs(t, daemonSetPath+" container "+c.Name, c.Args)
+			// The environment is read as flags too.
+			for _, e := range c.Env {
+				if !slices.ContainsFunc(slices.Collect(maps.Keys(p.flags)), func(f string) bool { return flagx.MakeShellVariableName(f) == e.Name }) {
+					t.Errorf("%s: container %s: env %s is the variable of no flag of %s", daemonSetPath, c.Name, e.Name, p.name)
+				}
+			}
 		}
 		for name := range programs {
 			if !seen[name] {
-				t.Errorf("daemonset.yaml: no container %q", name)
+				t.Errorf("%s: no container %q", daemonSetPath, name)
 			}
 		}
 		// The tcp-info image is the one the end-to-end tests run against.
-		for i := range containers {
-			if get(containers, i, "name") == "tcp-info" {
-				image, _ := get(containers, i, "image").(string)
-				if want := "measurementlab/tcp-info:" + goModVersion(t, "github.com/m-lab/tcp-info"); image != want {
-					t.Errorf("daemonset.yaml: tcp-info image %q, want %q (go.mod's tcp-info, which the end-to-end tests use)", image, want)
-				}
+		if c := container(&ds.Spec.Template.Spec, "tcp-info"); c != nil {
+			if want := "measurementlab/tcp-info:" + goModVersion(t, "github.com/m-lab/tcp-info"); c.Image != want {
+				t.Errorf("%s: tcp-info image %q, want %q (go.mod's tcp-info, which the end-to-end tests use)", daemonSetPath, c.Image, want)
 			}
 		}
 	})
@@ -600,201 +575,6 @@ func TestDeployFlagsExist(t *testing.T) {
 			t.Log("Dockerfile: passes no flag")
 		}
 	})
-}
-
-// TestDaemonSet checks the DaemonSet's structure: what the daemon needs to
-// run in it.
-func TestDaemonSet(t *testing.T) {
-	ds := loadDaemonSet(t)
-	if get(ds, "apiVersion") != "apps/v1" || get(ds, "kind") != "DaemonSet" {
-		t.Errorf("daemonset.yaml: apiVersion %v kind %v, want apps/v1 DaemonSet", get(ds, "apiVersion"), get(ds, "kind"))
-	}
-	pod := get(ds, "spec", "template", "spec")
-	if get(pod, "hostNetwork") != true {
-		t.Error("daemonset.yaml: hostNetwork must be true: the capture and tcp-info need the host's network namespace")
-	}
-	labels, _ := get(ds, "spec", "template", "metadata", "labels").(map[string]any)
-	sel, _ := get(ds, "spec", "selector", "matchLabels").(map[string]any)
-	if len(sel) == 0 {
-		t.Error("daemonset.yaml: no spec.selector.matchLabels")
-	}
-	for k, v := range sel {
-		if labels[k] != v {
-			t.Errorf("daemonset.yaml: selector %s=%v does not match the template's labels %v", k, v, labels)
-		}
-	}
-	annotations, _ := get(ds, "spec", "template", "metadata", "annotations").(map[string]any)
-	for k, v := range annotations {
-		if _, ok := v.(string); !ok {
-			t.Errorf("daemonset.yaml: annotation %s: %v is not a string (quote it)", k, v)
-		}
-	}
-	if annotations["prometheus.io/scrape"] != "true" {
-		t.Errorf("daemonset.yaml: prometheus.io/scrape annotation %v, want \"true\"", annotations["prometheus.io/scrape"])
-	}
-
-	volumes := map[string]any{}
-	vs, _ := get(pod, "volumes").([]any)
-	for i := range vs {
-		name, _ := get(vs, i, "name").(string)
-		volumes[name] = vs[i]
-	}
-	if p := get(volumes["uuid-prefix"], "hostPath", "path"); p != "/var/local/uuid" {
-		t.Errorf("daemonset.yaml: uuid-prefix volume hostPath %v, want /var/local/uuid", p)
-	}
-
-	containers := map[string]any{}
-	for _, key := range []string{"initContainers", "containers"} {
-		cs, _ := get(pod, key).([]any)
-		for i := range cs {
-			c := cs[i]
-			name, _ := get(c, "name").(string)
-			if key == "containers" {
-				containers[name] = c
-				if get(c, "resources", "limits", "memory") == nil {
-					t.Errorf("daemonset.yaml: container %s has no memory limit", name)
-				}
-			}
-			mounts, _ := get(c, "volumeMounts").([]any)
-			for j := range mounts {
-				if v := get(mounts, j, "name").(string); volumes[v] == nil {
-					t.Errorf("daemonset.yaml: container %s mounts volume %q, which is not declared", name, v)
-				}
-			}
-		}
-	}
-	ph := containers["packet-headers"]
-	if !slices.Contains(stringList(get(ph, "securityContext", "capabilities", "add")), "NET_RAW") {
-		t.Error("daemonset.yaml: packet-headers needs capability NET_RAW")
-	}
-	if get(ph, "securityContext", "allowPrivilegeEscalation") == false {
-		t.Error("daemonset.yaml: packet-headers: allowPrivilegeEscalation: false sets no_new_privs, which disables the binary's file capability")
-	}
-	if get(ph, "ports", 0, "containerPort") != 9990 {
-		t.Errorf("daemonset.yaml: packet-headers container port %v, want 9990", get(ph, "ports", 0, "containerPort"))
-	}
-	if fmt.Sprint(annotations["prometheus.io/port"]) != fmt.Sprint(get(ph, "ports", 0, "containerPort")) {
-		t.Errorf("daemonset.yaml: prometheus.io/port %v is not packet-headers' port", annotations["prometheus.io/port"])
-	}
-	phArgs, tiArgs := stringList(get(ph, "args")), stringList(get(containers["tcp-info"], "args"))
-	phSock, _ := flagValue(phArgs, "tcpinfo.eventsocket")
-	tiSock, _ := flagValue(tiArgs, "tcpinfo.eventsocket")
-	if phSock == "" || phSock != tiSock {
-		t.Errorf("daemonset.yaml: eventsocket of packet-headers %q, of tcp-info %q: want the same", phSock, tiSock)
-	}
-	// The socket and the data are on a volume both containers mount.
-	for _, c := range []string{"packet-headers", "tcp-info"} {
-		if !mountedIn(containers[c], filepath.Dir(phSock)) {
-			t.Errorf("daemonset.yaml: %s does not mount %s, the eventsocket's directory", c, filepath.Dir(phSock))
-		}
-	}
-	if prefix, _ := flagValue(tiArgs, "uuid-prefix-file"); !mountedIn(containers["tcp-info"], filepath.Dir(prefix)) {
-		t.Errorf("daemonset.yaml: tcp-info does not mount the directory of -uuid-prefix-file=%s", prefix)
-	}
-	if dir, _ := flagValue(phArgs, "datadir"); !mountedIn(ph, dir) {
-		t.Errorf("daemonset.yaml: packet-headers does not mount its -datadir=%s", dir)
-	}
-	if grace, _ := get(pod, "terminationGracePeriodSeconds").(int); time.Duration(grace)*time.Second < sigtermWait(t, phArgs)+10*time.Second {
-		t.Errorf("daemonset.yaml: terminationGracePeriodSeconds %d leaves less than 10s after -sigtermwait to publish", grace)
-	}
-}
-
-// mountedIn reports whether dir is at or under a volume mount of container c.
-func mountedIn(c any, dir string) bool {
-	mounts, _ := get(c, "volumeMounts").([]any)
-	for i := range mounts {
-		mp, _ := get(mounts, i, "mountPath").(string)
-		if mp != "" && (dir == mp || strings.HasPrefix(dir, strings.TrimSuffix(mp, "/")+"/")) {
-			return true
-		}
-	}
-	return false
-}
-
-// sigtermWait is the -sigtermwait of args, or its default.
-func sigtermWait(t *testing.T, args []string) time.Duration {
-	t.Helper()
-	v, ok := flagValue(args, "sigtermwait")
-	if !ok {
-		out, _ := exec.Command(daemonBinary(t), "-help").CombinedOutput()
-		m := regexp.MustCompile(`(?s)-sigtermwait duration\n[^\n]*\(default ([^)]+)\)`).FindStringSubmatch(string(out))
-		if m == nil {
-			t.Fatalf("no default of -sigtermwait in -help")
-		}
-		v = m[1]
-	}
-	d, err := time.ParseDuration(v)
-	if err != nil {
-		t.Fatalf("-sigtermwait=%s: %v", v, err)
-	}
-	return d
-}
-
-// TestSystemdUnit checks the unit's settings against what the daemon needs,
-// and has systemd-analyze verify it.
-func TestSystemdUnit(t *testing.T) {
-	const path = "deploy/systemd/packet-headers.service"
-	unit := readFile(t, path)
-	cmds := systemdExecStart(unit)
-	if len(cmds) != 1 {
-		t.Fatalf("%s: want one ExecStart=, got %q", path, cmds)
-	}
-	args := cmds[0][1:]
-
-	has := func(key, want string) bool {
-		for _, v := range unitValues(unit, key) {
-			if slices.Contains(strings.Fields(v), want) {
-				return true
-			}
-		}
-		return false
-	}
-	if !has("AmbientCapabilities", "CAP_NET_RAW") {
-		t.Errorf("%s: AmbientCapabilities= must give CAP_NET_RAW", path)
-	}
-	for _, c := range unitValues(unit, "AmbientCapabilities") {
-		for _, c := range strings.Fields(c) {
-			if !has("CapabilityBoundingSet", c) {
-				t.Errorf("%s: ambient %s is not in CapabilityBoundingSet=, which would drop it", path, c)
-			}
-		}
-	}
-	if dir, ok := flagValue(args, "datadir"); !ok || !has("ReadWritePaths", dir) {
-		t.Errorf("%s: -datadir=%s is not in ReadWritePaths= (ProtectSystem=strict makes everything else read-only)", path, dir)
-	}
-	if user := unitValues(unit, "User"); len(user) == 1 {
-		sysusers := readFile(t, "deploy/systemd/packet-headers.sysusers")
-		if !regexp.MustCompile(`(?m)^u ` + regexp.QuoteMeta(user[0]) + ` `).MatchString(sysusers) {
-			t.Errorf("%s: User=%s is not created by packet-headers.sysusers", path, user[0])
-		}
-	}
-	stop := unitValues(unit, "TimeoutStopSec")
-	if len(stop) != 1 {
-		t.Errorf("%s: want one TimeoutStopSec=, got %q", path, stop)
-	} else if d, err := time.ParseDuration(stop[0]); err != nil {
-		t.Errorf("%s: TimeoutStopSec=%s: %v", path, stop[0], err)
-	} else if d < sigtermWait(t, args)+10*time.Second {
-		t.Errorf("%s: TimeoutStopSec=%s leaves less than 10s after -sigtermwait to publish", path, stop[0])
-	}
-
-	analyze, err := exec.LookPath("systemd-analyze")
-	if err != nil {
-		t.Skip("systemd-analyze not installed (Debian: systemd); not verifying the unit")
-	}
-	// verify insists that the executable exists: point it at the build.
-	dir := t.TempDir()
-	copyPath := filepath.Join(dir, "packet-headers.service")
-	if err := os.WriteFile(copyPath, []byte(strings.ReplaceAll(unit, cmds[0][0], daemonBinary(t))), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	out, _ := exec.Command(analyze, "verify", copyPath).CombinedOutput()
-	// Only what it says about this unit: in a container it may also
-	// complain about the machine.
-	for line := range strings.Lines(string(out)) {
-		if strings.Contains(line, "packet-headers.service") {
-			t.Errorf("systemd-analyze verify %s: %s", path, strings.TrimSpace(line))
-		}
-	}
 }
 
 // metricNames reads the name of every metric defined in metrics/metrics.go:
@@ -928,26 +708,25 @@ func checkMetric(known map[string]string, name string) error {
 func TestAlertRules(t *testing.T) {
 	t.Run("metrics exist", func(t *testing.T) {
 		known := metricNames(t)
-		v, err := parseYAML(readFile(t, "deploy/prometheus/alerts.yml"))
-		if err != nil {
+		var rules ruleFile
+		if err := decodeStrict([]byte(readFile(t, "deploy/prometheus/alerts.yml")), &rules); err != nil {
 			t.Fatalf("alerts.yml: %v", err)
 		}
-		groups, _ := get(v, "groups").([]any)
 		n := 0
-		for g := range groups {
-			rules, _ := get(groups, g, "rules").([]any)
-			for r := range rules {
-				expr, _ := get(rules, r, "expr").(string)
-				alert, _ := get(rules, r, "alert").(string)
+		for _, g := range rules.Groups {
+			for _, r := range g.Rules {
 				n++
-				names := promqlMetrics(expr)
+				names := promqlMetrics(r.Expr)
 				if len(names) == 0 {
-					t.Errorf("alerts.yml %s: no metric found in %q", alert, expr)
+					t.Errorf("alerts.yml %s: no metric found in %q", r.Alert, r.Expr)
 				}
 				for _, m := range names {
 					if err := checkMetric(known, m); err != nil {
-						t.Errorf("alerts.yml %s: %s: %v", alert, m, err)
+						t.Errorf("alerts.yml %s: %s: %v", r.Alert, m, err)
 					}
+				}
+				if r.Alert != "" && (r.Labels["severity"] == "" || r.Annotations["summary"] == "" || r.Annotations["description"] == "") {
+					t.Errorf("alerts.yml %s: want a severity label, a summary and a description", r.Alert)
 				}
 			}
 		}

@@ -4,9 +4,9 @@
 # and the tests cannot drift apart. Run from anywhere; paths given are used as
 # they are.
 #
-#   docker-build-steps.sh build-deps       apt: what building needs (libpcap-dev)
-#   docker-build-steps.sh build OUT        build the daemon (cgo) to OUT
-#   docker-build-steps.sh runtime-deps     apt: what running needs (libpcap0.8, libcap2-bin)
+#   docker-build-steps.sh build-deps       apt: what building needs (nothing now)
+#   docker-build-steps.sh build OUT        build the daemon (pure Go, static) to OUT
+#   docker-build-steps.sh runtime-deps     apt: what the image needs (libcap2-bin, for setcap)
 #   docker-build-steps.sh setcap BIN       give BIN the CAP_NET_RAW file capability
 set -eu
 
@@ -21,24 +21,26 @@ apt_install() {
 
 case "${1:-}" in
 build-deps)
-	# gcc and pkg-config come with the golang image.
-	apt_install libpcap-dev
+	# Nothing: the capture reads the kernel's AF_PACKET ring itself, with
+	# no C library, and the golang image has the Go toolchain. The step
+	# stays so that the Dockerfile keeps working and has a place for one.
 	;;
 build)
 	[ $# -eq 2 ] || { echo "usage: $0 build OUT" >&2; exit 2; }
 	out=$2
 	case $out in /*) ;; *) out=$(pwd)/$out ;; esac
 	cd "$repo"
-	# cgo: the capture links libpcap. -trimpath keeps the build machine's
-	# paths out of the binary.
-	CGO_ENABLED=1 go build -trimpath -o "$out" ./cmd/packet-headers
+	# Without cgo: a static binary that needs no library in the image (the
+	# capture talks to the kernel directly). -trimpath keeps the build
+	# machine's paths out of the binary.
+	CGO_ENABLED=0 go build -trimpath -o "$out" ./cmd/packet-headers
 	# The image runs as nobody: the binary must be readable and executable
 	# by all.
 	chmod 0755 "$out"
 	;;
 runtime-deps)
-	# libpcap0.8 is the library the binary links; libcap2-bin has setcap.
-	apt_install libpcap0.8 libcap2-bin
+	# libcap2-bin has setcap; the binary itself links no library.
+	apt_install libcap2-bin
 	;;
 setcap)
 	[ $# -eq 2 ] || { echo "usage: $0 setcap BIN" >&2; exit 2; }

@@ -1,392 +1,253 @@
 package deploy
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
-	"strconv"
+	"os"
+	"path/filepath"
+	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 
-	"github.com/google/go-cmp/cmp"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	sigsjson "sigs.k8s.io/json"
+	"sigs.k8s.io/yaml"
 )
 
-// parseYAML parses the subset of YAML that the files of this directory use:
-// block mappings and sequences (a sequence may sit at its key's
-// indentation), plain, single- and double-quoted scalars, literal and
-// folded block scalars, comments, and the empty flow collections [] and {}.
-// Anything else (anchors, tags, flow collections with content, several
-// documents, tabs) is an error rather than a guess, so the manifests stay in
-// a subset every YAML reader agrees on.
+// The YAML files of this directory are decoded into the types their
+// readers use (Kubernetes' API types, or a struct of the fields Prometheus
+// and kustomize read) with sigs.k8s.io/yaml's strict mode: a field the type
+// does not have (a misspelling), a value of the wrong type or a duplicate
+// key fails the test, as it would fail kubectl apply --validate=strict.
+
+// decodeStrict decodes one YAML document into out, refusing unknown fields,
+// values of the wrong type and duplicate keys.
 //
-// It exists because no YAML module is a direct requirement of go.mod and the
-// deployment files must not add one. Scalars resolve as YAML 1.2's core
-// schema would for what matters here: true/false to bool, null and ~ to nil,
-// decimal integers to int, everything else (and anything quoted) to string.
-func parseYAML(src string) (any, error) {
-	p := &yamlParser{lines: strings.Split(src, "\n")}
-	ind, _, ok, err := p.peek()
-	if err != nil || !ok {
-		return nil, err
+// yaml.UnmarshalStrict decodes with encoding/json, which matches a key to a
+// field whatever its case: "readonly" would set ReadOnly. The API server
+// matches case-sensitively, and ignores (or with strict validation,
+// refuses) "readonly", so the document is decoded a second time with
+// sigs.k8s.io/json, the API machinery's own case-sensitive strict decoder.
+func decodeStrict(doc []byte, out any) error {
+	if err := yaml.UnmarshalStrict(doc, out); err != nil {
+		return err
 	}
-	v, err := p.node(ind)
+	j, err := yaml.YAMLToJSONStrict(doc)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	if _, text, ok, err := p.peek(); err != nil {
-		return nil, err
-	} else if ok {
-		return nil, p.errorf("unexpected %q after the document", text)
+	again := reflect.New(reflect.TypeOf(out).Elem()).Interface()
+	strict, err := sigsjson.UnmarshalStrict(j, again, sigsjson.DisallowDuplicateFields, sigsjson.DisallowUnknownFields)
+	if err != nil {
+		return err
 	}
-	return v, nil
+	return errors.Join(strict...)
 }
 
-type yamlParser struct {
-	lines []string
-	i     int // the next line to read
-}
+var docSeparator = regexp.MustCompile(`(?m)^---[ \t]*$`)
 
-func (p *yamlParser) errorf(format string, args ...any) error {
-	return fmt.Errorf("line %d: %s", p.i+1, fmt.Sprintf(format, args...))
-}
-
-// peek skips blank and comment lines and returns the next line's
-// indentation and text, without consuming it.
-func (p *yamlParser) peek() (indent int, text string, ok bool, err error) {
-	for ; p.i < len(p.lines); p.i++ {
-		line := strings.TrimRight(p.lines[p.i], " \r")
-		body := strings.TrimLeft(line, " ")
-		if body == "" || body[0] == '#' {
-			continue
-		}
-		if body[0] == '\t' {
-			return 0, "", false, p.errorf("tab in indentation")
-		}
-		if body == "---" || body == "..." || body[0] == '%' {
-			return 0, "", false, p.errorf("document markers and directives are not supported")
-		}
-		return len(line) - len(body), body, true, nil
-	}
-	return 0, "", false, nil
-}
-
-func isSeqItem(text string) bool { return text == "-" || strings.HasPrefix(text, "- ") }
-
-// splitKey splits "key: value" (value may be empty). ok is false if text is
-// not a mapping entry.
-func splitKey(text string) (key, value string, ok bool) {
-	if text == "" || strings.ContainsAny(text[:1], `"'[{&*!|>%@`+"`") {
-		return "", "", false
-	}
-	if i := strings.Index(text, ": "); i > 0 {
-		return text[:i], strings.TrimSpace(text[i+2:]), true
-	}
-	if k, found := strings.CutSuffix(text, ":"); found && k != "" {
-		return k, "", true
-	}
-	return "", "", false
-}
-
-// node parses the block node whose first line is at indent.
-func (p *yamlParser) node(indent int) (any, error) {
-	_, text, _, _ := p.peek()
-	if isSeqItem(text) {
-		return p.seq(indent)
-	}
-	return p.mapping(indent)
-}
-
-func (p *yamlParser) mapping(indent int) (map[string]any, error) {
-	out := map[string]any{}
-	for {
-		ind, text, ok, err := p.peek()
-		if err != nil || !ok || ind < indent {
-			return out, err
-		}
-		if ind > indent {
-			return nil, p.errorf("unexpected indentation")
-		}
-		key, val, isKey := splitKey(text)
-		if !isKey {
-			return nil, p.errorf("want key: value, got %q", text)
-		}
-		if _, dup := out[key]; dup {
-			return nil, p.errorf("duplicate key %q", key)
-		}
-		p.i++
-		var v any
-		switch {
-		case val == "" || val[0] == '#':
-			// The value is the block below: deeper, or a sequence at
-			// the key's own indentation.
-			ind2, text2, ok2, err := p.peek()
-			if err != nil {
-				return nil, err
-			}
-			if ok2 && (ind2 > indent || ind2 == indent && isSeqItem(text2)) {
-				if v, err = p.node(ind2); err != nil {
-					return nil, err
-				}
-			}
-		case val[0] == '|' || val[0] == '>':
-			if v, err = p.blockScalar(indent, val); err != nil {
-				return nil, err
-			}
-		default:
-			if v, err = p.scalar(val); err != nil {
-				return nil, err
-			}
-		}
-		out[key] = v
-	}
-}
-
-func (p *yamlParser) seq(indent int) ([]any, error) {
-	out := []any{}
-	for {
-		ind, text, ok, err := p.peek()
-		if err != nil || !ok || ind < indent || ind == indent && !isSeqItem(text) {
-			return out, err
-		}
-		if ind > indent || !isSeqItem(text) {
-			return nil, p.errorf("unexpected indentation")
-		}
-		rest := strings.TrimLeft(text[1:], " ")
-		var v any
-		switch {
-		case rest == "" || rest[0] == '#':
-			p.i++
-			ind2, _, ok2, err := p.peek()
-			if err != nil {
-				return nil, err
-			}
-			if ok2 && ind2 > indent {
-				if v, err = p.node(ind2); err != nil {
-					return nil, err
-				}
-			}
-		case isSeqItem(rest):
-			return nil, p.errorf("nested sequence on one line is not supported")
-		default:
-			if _, _, isKey := splitKey(rest); isKey {
-				// "- key: value": a mapping whose first line starts
-				// after the dash. Blank the dash and parse on.
-				off := ind + len(text) - len(rest)
-				p.lines[p.i] = strings.Repeat(" ", off) + p.lines[p.i][off:]
-				if v, err = p.mapping(off); err != nil {
-					return nil, err
-				}
-			} else {
-				p.i++
-				if v, err = p.scalar(rest); err != nil {
-					return nil, err
-				}
-			}
-		}
-		out = append(out, v)
-	}
-}
-
-// blockScalar reads a | or > scalar whose key is at indent.
-func (p *yamlParser) blockScalar(indent int, header string) (string, error) {
-	style, chomp := header[0], strings.TrimSpace(header[1:])
-	if i := strings.Index(chomp, " #"); i >= 0 {
-		chomp = strings.TrimSpace(chomp[:i])
-	}
-	if chomp != "" && chomp != "-" && chomp != "+" {
-		return "", p.errorf("block scalar header %q is not supported", header)
-	}
-	var lines []string
-	content := -1
-	for ; p.i < len(p.lines); p.i++ {
-		line := strings.TrimRight(p.lines[p.i], " \r")
-		body := strings.TrimLeft(line, " ")
-		ind := len(line) - len(body)
-		if body == "" {
-			lines = append(lines, "")
-			continue
-		}
-		if ind <= indent {
-			break
-		}
-		if content < 0 {
-			content = ind
-		}
-		if ind < content {
-			return "", p.errorf("block scalar line less indented than its first")
-		}
-		lines = append(lines, line[content:])
-	}
-	for len(lines) > 0 && lines[len(lines)-1] == "" {
-		lines = lines[:len(lines)-1]
-	}
-	var s string
-	if style == '|' {
-		s = strings.Join(lines, "\n")
-	} else {
-		// Folding: single newlines become spaces, empty lines newlines.
-		var b strings.Builder
-		for i, l := range lines {
-			switch {
-			case i == 0, l != "" && lines[i-1] == "":
-			case l == "":
-				b.WriteByte('\n')
-			default:
-				b.WriteByte(' ')
-			}
-			b.WriteString(l)
-		}
-		s = b.String()
-	}
-	if chomp != "-" && s != "" {
-		s += "\n"
-	}
-	return s, nil
-}
-
-// scalar resolves a scalar written on one line, with an optional comment.
-func (p *yamlParser) scalar(s string) (any, error) {
-	switch s[0] {
-	case '"':
-		end := 1
-		for ; end < len(s) && s[end] != '"'; end++ {
-			if s[end] == '\\' {
-				end++
-			}
-		}
-		if end >= len(s) || !onlyComment(s[end+1:]) {
-			return nil, p.errorf("bad double-quoted scalar %s", s)
-		}
-		v, err := strconv.Unquote(s[:end+1])
-		if err != nil {
-			return nil, p.errorf("bad double-quoted scalar %s: %v", s, err)
-		}
-		return v, nil
-	case '\'':
-		end := 1
-		for ; end < len(s); end++ {
-			if s[end] == '\'' {
-				if end+1 < len(s) && s[end+1] == '\'' {
-					end++
-					continue
-				}
+// splitDocuments splits a YAML stream into its documents, leaving out those
+// that hold nothing but comments.
+func splitDocuments(src []byte) [][]byte {
+	var docs [][]byte
+	for _, d := range docSeparator.Split(string(src), -1) {
+		for line := range strings.Lines(d) {
+			if l := strings.TrimSpace(line); l != "" && !strings.HasPrefix(l, "#") {
+				docs = append(docs, []byte(d))
 				break
 			}
 		}
-		if end >= len(s) || !onlyComment(s[end+1:]) {
-			return nil, p.errorf("bad single-quoted scalar %s", s)
+	}
+	return docs
+}
+
+// manifests holds the Kubernetes objects of one or more files, by kind.
+type manifests struct {
+	DaemonSets          []*appsv1.DaemonSet
+	ServiceAccounts     []*corev1.ServiceAccount
+	ClusterRoles        []*rbacv1.ClusterRole
+	ClusterRoleBindings []*rbacv1.ClusterRoleBinding
+}
+
+// decodeManifests decodes every document of a YAML stream strictly into the
+// API type its apiVersion and kind name. A kind this directory does not use
+// is an error, so that nothing goes unchecked.
+func decodeManifests(src []byte) (*manifests, error) {
+	m := &manifests{}
+	for i, doc := range splitDocuments(src) {
+		var tm metav1.TypeMeta
+		if err := yaml.Unmarshal(doc, &tm); err != nil {
+			return nil, fmt.Errorf("document %d: %w", i+1, err)
 		}
-		return strings.ReplaceAll(s[1:end], "''", "'"), nil
-	case '&', '*', '!', '%', '@', '`', '|', '>':
-		return nil, p.errorf("%q: anchors, aliases, tags and reserved indicators are not supported", s)
+		var err error
+		switch gvk := tm.APIVersion + " " + tm.Kind; gvk {
+		case "apps/v1 DaemonSet":
+			m.DaemonSets = append(m.DaemonSets, decodeInto[appsv1.DaemonSet](doc, &err))
+		case "v1 ServiceAccount":
+			m.ServiceAccounts = append(m.ServiceAccounts, decodeInto[corev1.ServiceAccount](doc, &err))
+		case "rbac.authorization.k8s.io/v1 ClusterRole":
+			m.ClusterRoles = append(m.ClusterRoles, decodeInto[rbacv1.ClusterRole](doc, &err))
+		case "rbac.authorization.k8s.io/v1 ClusterRoleBinding":
+			m.ClusterRoleBindings = append(m.ClusterRoleBindings, decodeInto[rbacv1.ClusterRoleBinding](doc, &err))
+		default:
+			return nil, fmt.Errorf("document %d: apiVersion %q kind %q: not a type these tests know", i+1, tm.APIVersion, tm.Kind)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("document %d (%s %s): %w", i+1, tm.Kind, tm.APIVersion, err)
+		}
 	}
-	if i := strings.Index(s, " #"); i >= 0 {
-		s = strings.TrimSpace(s[:i])
-	}
-	switch s {
-	case "[]":
-		return []any{}, nil
-	case "{}":
-		return map[string]any{}, nil
-	case "true", "True", "TRUE":
-		return true, nil
-	case "false", "False", "FALSE":
-		return false, nil
-	case "null", "Null", "NULL", "~":
-		return nil, nil
-	}
-	if s[0] == '[' || s[0] == '{' {
-		return nil, p.errorf("%q: flow collections with content are not supported", s)
-	}
-	if strings.Contains(s, ": ") {
-		return nil, p.errorf("%q: a plain scalar may not contain \": \"", s)
-	}
-	if n, err := strconv.Atoi(s); err == nil {
-		return n, nil
-	}
-	return s, nil
+	return m, nil
 }
 
-func onlyComment(s string) bool {
-	s = strings.TrimSpace(s)
-	return s == "" || s[0] == '#'
+func decodeInto[T any](doc []byte, err *error) *T {
+	v := new(T)
+	*err = decodeStrict(doc, v)
+	return v
 }
 
-func TestParseYAML(t *testing.T) {
-	tests := []struct {
-		name, src string
-		want      any
+// loadManifests decodes a file of this repository (a path from its root).
+func loadManifests(t *testing.T, path string) *manifests {
+	t.Helper()
+	m, err := decodeManifests([]byte(readFile(t, path)))
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	return m
+}
+
+// loadDaemonSet decodes a file that holds one DaemonSet and nothing else.
+func loadDaemonSet(t *testing.T, path string) *appsv1.DaemonSet {
+	t.Helper()
+	m := loadManifests(t, path)
+	if len(m.DaemonSets) != 1 || len(m.ServiceAccounts)+len(m.ClusterRoles)+len(m.ClusterRoleBindings) != 0 {
+		t.Fatalf("%s: want one DaemonSet and nothing else, got %d DaemonSets and %d other objects", path,
+			len(m.DaemonSets), len(m.ServiceAccounts)+len(m.ClusterRoles)+len(m.ClusterRoleBindings))
+	}
+	return m.DaemonSets[0]
+}
+
+// kustomization is the part of kustomize's Kustomization these files use;
+// strict decoding refuses any other field.
+type kustomization struct {
+	APIVersion string   `json:"apiVersion"`
+	Kind       string   `json:"kind"`
+	Namespace  string   `json:"namespace,omitempty"`
+	Resources  []string `json:"resources,omitempty"`
+	Patches    []struct {
+		Path string `json:"path"`
+	} `json:"patches,omitempty"`
+}
+
+// loadKustomization decodes dir/kustomization.yaml (dir from the
+// repository's root) and checks that what it names exists.
+func loadKustomization(t *testing.T, dir string) *kustomization {
+	t.Helper()
+	path := filepath.Join(dir, "kustomization.yaml")
+	var k kustomization
+	if err := decodeStrict([]byte(readFile(t, path)), &k); err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	if k.APIVersion != "kustomize.config.k8s.io/v1beta1" || k.Kind != "Kustomization" {
+		t.Errorf("%s: apiVersion %q kind %q, want kustomize.config.k8s.io/v1beta1 Kustomization", path, k.APIVersion, k.Kind)
+	}
+	for _, r := range k.Resources {
+		if _, err := os.Stat(filepath.Join(root, dir, r)); err != nil {
+			t.Errorf("%s: resource %s: %v", path, r, err)
+		}
+	}
+	for _, p := range k.Patches {
+		if _, err := os.Stat(filepath.Join(root, dir, p.Path)); err != nil {
+			t.Errorf("%s: patch %s: %v", path, p.Path, err)
+		}
+	}
+	return &k
+}
+
+// ruleFile is a Prometheus rule file, with the fields Prometheus 2.x and 3.x
+// read (rulefmt.RuleGroups); strict decoding refuses any other.
+type ruleFile struct {
+	Groups []struct {
+		Name     string `json:"name"`
+		Interval string `json:"interval,omitempty"`
+		Limit    int    `json:"limit,omitempty"`
+		Rules    []struct {
+			Alert         string            `json:"alert,omitempty"`
+			Record        string            `json:"record,omitempty"`
+			Expr          string            `json:"expr"`
+			For           string            `json:"for,omitempty"`
+			KeepFiringFor string            `json:"keep_firing_for,omitempty"`
+			Labels        map[string]string `json:"labels,omitempty"`
+			Annotations   map[string]string `json:"annotations,omitempty"`
+		} `json:"rules"`
+	} `json:"groups"`
+}
+
+// TestStrictDecoding checks that the decoding the other tests rely on
+// refuses what a YAML reader without a schema would let through: each
+// mutant of a real file differs from it in one misspelled field, one
+// mistyped value or one duplicate key, and must fail to decode.
+func TestStrictDecoding(t *testing.T) {
+	ds := readFile(t, daemonSetPath)
+	rules := readFile(t, "deploy/prometheus/alerts.yml")
+	kust := readFile(t, "deploy/k8s/kube-rbac-proxy/kustomization.yaml")
+	rbac := readFile(t, "deploy/k8s/kube-rbac-proxy/rbac.yaml")
+	decodeDS := func(s string) error { _, err := decodeManifests([]byte(s)); return err }
+	decodeRules := func(s string) error { return decodeStrict([]byte(s), new(ruleFile)) }
+	decodeKust := func(s string) error { return decodeStrict([]byte(s), new(kustomization)) }
+
+	for _, tt := range []struct {
+		name      string
+		src       string
+		decode    func(string) error
+		old, new  string
+		wantInErr string
 	}{
-		{
-			name: "k8s style",
-			src: `# comment
-kind: DaemonSet   # trailing
-metadata:
-  annotations:
-    prometheus.io/port: "9990"
-    quoted: 'it''s'
-spec:
-  hostNetwork: true
-  containers:
-  - name: a
-    args:
-    - -x=1
-    - chown 1:1 /local && echo '#'
-    empty: []
-  - name: b
-    ports:
-      - containerPort: 9991
-`,
-			want: map[string]any{
-				"kind": "DaemonSet",
-				"metadata": map[string]any{"annotations": map[string]any{
-					"prometheus.io/port": "9990", "quoted": "it's",
-				}},
-				"spec": map[string]any{
-					"hostNetwork": true,
-					"containers": []any{
-						map[string]any{"name": "a", "args": []any{"-x=1", "chown 1:1 /local && echo '#'"}, "empty": []any{}},
-						map[string]any{"name": "b", "ports": []any{map[string]any{"containerPort": 9991}}},
-					},
-				},
-			},
-		},
-		{
-			name: "block scalars",
-			src: `a: |
-  x
-    y
-b: >-
-  one
-  two
-
-  three
-c: d
-`,
-			want: map[string]any{"a": "x\n  y\n", "b": "one two\nthree", "c": "d"},
-		},
-	}
-	for _, tt := range tests {
+		{"misspelled pod field", ds, decodeDS, "      hostNetwork: true\n", "      hostNetwrok: true\n", "hostNetwrok"},
+		{"misspelled container field", ds, decodeDS, "        readinessProbe:\n", "        readynessProbe:\n", "readynessProbe"},
+		{"misspelled field in a list item", ds, decodeDS, "      - name: uuid-prefix\n        emptyDir: {}\n", "      - name: uuid-prefix\n        emptyDirectory: {}\n", "emptyDirectory"},
+		{"field name in the wrong case", ds, decodeDS, "          readOnly: true\n      volumes:\n", "          readonly: true\n      volumes:\n", "readonly"},
+		{"field at the wrong level", ds, decodeDS, "      dnsPolicy: ClusterFirstWithHostNet\n", "      dnsPolicy: ClusterFirstWithHostNet\n      imagePullPolicy: Always\n", "imagePullPolicy"},
+		{"bad quantity", ds, decodeDS, "            memory: 3Gi\n", "            memory: 3 gigs\n", "quantities must match"},
+		{"string for a bool", ds, decodeDS, "        runAsNonRoot: true\n", "        runAsNonRoot: yes please\n", "runAsNonRoot"},
+		{"duplicate key", ds, decodeDS, "      hostNetwork: true\n", "      hostNetwork: true\n      hostNetwork: false\n", "hostNetwork"},
+		{"unknown kind", rbac, decodeDS, "apiVersion: v1\nkind: ServiceAccount\n", "apiVersion: v1\nkind: ServiceAcount\n", "ServiceAcount"},
+		{"misspelled RBAC field", rbac, decodeDS, "  - tokenreviews\n", "  - tokenreviews\n  verb:\n  - get\n", "verb"},
+		{"misspelled rule field", rules, decodeRules, "    annotations:\n      summary: packet-headers on {{ $labels.instance }} captures", "    anotations:\n      summary: packet-headers on {{ $labels.instance }} captures", "anotations"},
+		{"misspelled kustomization field", kust, decodeKust, "\npatches:\n", "\npatchesStrategicMerge:\n", "patchesStrategicMerge"},
+	} {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := parseYAML(tt.src)
-			if err != nil {
-				t.Fatal(err)
+			if err := tt.decode(tt.src); err != nil {
+				t.Fatalf("the file itself does not decode: %v", err)
 			}
-			if diff := cmp.Diff(tt.want, got); diff != "" {
-				t.Errorf("parseYAML (-want +got):\n%s", diff)
+			if n := strings.Count(tt.src, tt.old); n != 1 {
+				t.Fatalf("%q occurs %d times in the file, want once: update this test", tt.old, n)
+			}
+			err := tt.decode(strings.Replace(tt.src, tt.old, tt.new, 1))
+			if err == nil {
+				t.Fatalf("replacing %q by %q: decoded without error", tt.old, tt.new)
+			}
+			if !strings.Contains(err.Error(), tt.wantInErr) {
+				t.Errorf("error %q does not mention %q", err, tt.wantInErr)
 			}
 		})
 	}
-	for _, bad := range []string{
-		"a: 1\na: 2\n",
-		"a:\n\t- b\n",
-		"a: [1, 2]\n",
-		"a: &x 1\n",
-		"a: 1\n  b: 2\n",
-		"- a\nb: 1\n",
-		"a: b: c\n",
-		"---\na: 1\n",
-	} {
-		if v, err := parseYAML(bad); err == nil {
-			t.Errorf("parseYAML(%q) = %v, want an error", bad, v)
+}
+
+func TestSplitDocuments(t *testing.T) {
+	src := "# only a comment\n---\na: 1\n--- \n# c\nb: 2\n---\n\n"
+	got := splitDocuments([]byte(src))
+	want := []string{"\na: 1\n", "\n# c\nb: 2\n"}
+	if len(got) != len(want) {
+		t.Fatalf("splitDocuments(%q) = %q, want %q", src, got, want)
+	}
+	for i := range want {
+		if !bytes.Equal(got[i], []byte(want[i])) {
+			t.Errorf("document %d = %q, want %q", i, got[i], want[i])
 		}
 	}
 }
