@@ -11,8 +11,14 @@ all: build
 deps:
 	@./scripts/install-deps.sh
 
+# The version and commit that -version prints and git_short_commit exports
+# (M-Lab's builds set prometheusx.GitShortCommit the same way).
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
+LDFLAGS := -X main.version=$(VERSION) $(if $(COMMIT),-X github.com/m-lab/go/prometheusx.GitShortCommit=$(COMMIT))
+
 build: deps
-	$(GO) build -o $(BIN) ./cmd/packet-headers
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/packet-headers
 
 lint: deps
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

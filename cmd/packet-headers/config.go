@@ -43,6 +43,7 @@ type Config struct {
 	UUIDPrefixFile  string
 	PollInterval    time.Duration
 	LogLevel        string
+	Version         bool
 }
 
 // newFlagSet defines every flag on a new FlagSet bound to c. The names,
@@ -57,6 +58,7 @@ func newFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 		FlowTimeout:     30 * time.Second,
 		MaxHeaderSize:   256,
 		MaxIdleRAM:      3 * GB,
+		MaxHeap:         8 * GB,
 		PromListen:      ":9990",
 		SigtermWait:     time.Second,
 		UUIDWait:        5 * time.Second,
@@ -73,7 +75,7 @@ func newFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.Var(&c.Interfaces, "interface", "The interface on which to capture traffic. May be repeated, or comma-separated. If unset, will capture on all available interfaces that are up (except loopback), including ones that appear later.")
 	fs.IntVar(&c.MaxHeaderSize, "maxheadersize", c.MaxHeaderSize, "The maximum size of packet headers allowed. A lower value allows the pcap process to be less wasteful but risks more esoteric IPv6 headers (which can theoretically be up to the full size of the packet but in practice seem to be under 128) getting truncated.")
 	fs.Var(&c.MaxIdleRAM, "maxidleram", "How much idle RAM we should tolerate before we try and forcibly return it to the OS.")
-	fs.Var(&c.MaxHeap, "maxheap", "If the Go heap exceeds this size, new flows are not saved until it shrinks again. 0 means no limit.")
+	fs.Var(&c.MaxHeap, "maxheap", "The Go runtime's memory limit (debug.SetMemoryLimit), as the original's; besides, while the Go heap exceeds it, new flows are not saved until it shrinks again. 0 means no limit.")
 	fs.IntVar(&c.MaxFlows, "maxflows", 0, "The maximum number of concurrent flows tracked. When reached, new flows are ignored (and counted). 0 means no limit.")
 	fs.IntVar(&c.MaxPending, "maxpending", demuxer.DefaultMaxPending, "The maximum number of flows waiting for their UUID. Beyond it the oldest is dropped (and counted), so a SYN flood cannot exhaust memory or crowd out real flows.")
 	fs.IntVar(&c.GzipLevel, "gziplevel", c.GzipLevel, "The gzip compression level of the files, 1 (fastest) to 9 (smallest). Level 5 makes files about 10% smaller than 1 for about twice the CPU.")
@@ -87,13 +89,14 @@ func newFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&c.UUIDPrefixFile, "uuid-prefix-file", "", "The file holding the UUID prefix for sockets created in this network namespace (standalone mode; as tcp-info's flag of the same name).")
 	fs.DurationVar(&c.PollInterval, "uuidsource.pollinterval", c.PollInterval, "How often the built-in UUID source polls the kernel for new sockets while a captured flow waits for its UUID (standalone mode).")
 	fs.StringVar(&c.LogLevel, "log.level", c.LogLevel, "The least important log level printed: debug, info, warn or error.")
+	fs.BoolVar(&c.Version, "version", false, "Print the version and the commit it was built from, and exit.")
 	return fs
 }
 
 // parseConfig fills a Config from the command line, then from environment
 // variables (named like the flag, upper case, non-alphanumerics as _) for
 // the flags the command line did not set.
-func parseConfig(args []string, out io.Writer) (*Config, error) {
+func parseConfig(args []string, out io.Writer, env func(string) (string, bool)) (*Config, error) {
 	c := new(Config)
 	fs := newFlagSet(c, out)
 	if err := fs.Parse(args); err != nil {
@@ -102,8 +105,11 @@ func parseConfig(args []string, out io.Writer) (*Config, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
-	if err := argsFromEnv(fs); err != nil {
+	if err := argsFromEnv(fs, env); err != nil {
 		return nil, err
+	}
+	if c.Version {
+		return c, nil
 	}
 	if err := c.Validate(); err != nil {
 		return c, err
@@ -127,7 +133,7 @@ func (c *Config) checkPrefixFile() error {
 
 // argsFromEnv sets each flag not given on the command line from its
 // environment variable.
-func argsFromEnv(fs *flag.FlagSet) error {
+func argsFromEnv(fs *flag.FlagSet, lookupEnv func(string) (string, bool)) error {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	var errs []error

@@ -15,16 +15,17 @@ import (
 	"github.com/m-lab/packet-headers/anonymize"
 )
 
-func withEnv(t *testing.T, env map[string]string) {
-	t.Helper()
-	old := lookupEnv
-	lookupEnv = func(k string) (string, bool) { v, ok := env[k]; return v, ok }
-	t.Cleanup(func() { lookupEnv = old })
+// envOf is an environment of the given variables, for parseConfig and run.
+func envOf(env map[string]string) func(string) (string, bool) {
+	return func(k string) (string, bool) { v, ok := env[k]; return v, ok }
 }
 
+// noEnv is an empty environment.
+var noEnv = envOf(nil)
+
 func TestDefaultsAreTheOriginals(t *testing.T) {
-	withEnv(t, nil)
-	c, err := parseConfig(nil, io.Discard)
+	env := envOf(nil)
+	c, err := parseConfig(nil, io.Discard, env)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,20 +58,20 @@ func TestDefaultsAreTheOriginals(t *testing.T) {
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("defaults (-want +got):\n%s", diff)
 	}
-	if c.MaxHeaderSize != 256 || len(c.Interfaces) != 0 || c.MaxFlows != 0 || c.MaxHeap != 0 {
+	if c.MaxHeaderSize != 256 || len(c.Interfaces) != 0 || c.MaxFlows != 0 || c.MaxHeap != 8*GB {
 		t.Errorf("defaults: %+v", c)
 	}
 }
 
 func TestFlagsAndEnvironment(t *testing.T) {
-	withEnv(t, map[string]string{
+	env := envOf(map[string]string{
 		"DATADIR":             "/from/env",
 		"TCPINFO_EVENTSOCKET": "/env.sock",
 		"ANONYMIZE_IP":        "netblock",
 		"MAXIDLERAM":          "1500MB",
 		"INTERFACE":           "eth0,eth1",
 	})
-	c, err := parseConfig([]string{"-datadir=/from/flag", "-maxheap=2GB", "-maxflows=150", "-stream=false", "-flowtimeout=5s"}, io.Discard)
+	c, err := parseConfig([]string{"-datadir=/from/flag", "-maxheap=2GB", "-maxflows=150", "-stream=false", "-flowtimeout=5s"}, io.Discard, env)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,8 +90,8 @@ func TestFlagsAndEnvironment(t *testing.T) {
 }
 
 func TestInterfaceRepeatedAndComma(t *testing.T) {
-	withEnv(t, nil)
-	c, err := parseConfig([]string{"-interface=a,b", "-interface", "c"}, io.Discard)
+	env := envOf(nil)
+	c, err := parseConfig([]string{"-interface=a,b", "-interface", "c"}, io.Discard, env)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,9 +130,9 @@ func TestBadInput(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
-			withEnv(t, tt.env)
+			env := envOf(tt.env)
 			var stdout, stderr bytes.Buffer
-			code := run(t.Context(), tt.args, &stdout, &stderr)
+			code := run(t.Context(), tt.args, env, &stdout, &stderr)
 			if code != 2 {
 				t.Errorf("exit code %d, want 2", code)
 			}
@@ -147,9 +148,9 @@ func TestBadInput(t *testing.T) {
 }
 
 func TestHelp(t *testing.T) {
-	withEnv(t, nil)
+	env := envOf(nil)
 	var stdout, stderr bytes.Buffer
-	if code := run(t.Context(), []string{"-help"}, &stdout, &stderr); code != 0 {
+	if code := run(t.Context(), []string{"-help"}, env, &stdout, &stderr); code != 0 {
 		t.Fatalf("exit %d", code)
 	}
 	for _, f := range []string{"anonymize.ip", "captureduration", "datadir", "flowtimeout", "interface", "maxheadersize",
@@ -189,7 +190,7 @@ func TestByteSize(t *testing.T) {
 }
 
 func TestBadEnvironmentAtStart(t *testing.T) {
-	withEnv(t, nil)
+	env := envOf(nil)
 	file := filepath.Join(t.TempDir(), "file")
 	if err := os.WriteFile(file, nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -211,7 +212,7 @@ func TestBadEnvironmentAtStart(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var stdout, stderr bytes.Buffer
-			if code := run(t.Context(), tt.args, &stdout, &stderr); code != 2 {
+			if code := run(t.Context(), tt.args, env, &stdout, &stderr); code != 2 {
 				t.Errorf("exit %d, want 2 (stderr %q)", code, stderr.String())
 			}
 			msg := stderr.String()

@@ -21,8 +21,8 @@ func TestFsyncFlag(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			withEnv(t, tt.env)
-			c, err := parseConfig(tt.args, io.Discard)
+			env := envOf(tt.env)
+			c, err := parseConfig(tt.args, io.Discard, env)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -31,8 +31,8 @@ func TestFsyncFlag(t *testing.T) {
 			}
 		})
 	}
-	withEnv(t, map[string]string{"FSYNC": "sometimes"})
-	if _, err := parseConfig(nil, io.Discard); err == nil {
+	env := envOf(map[string]string{"FSYNC": "sometimes"})
+	if _, err := parseConfig(nil, io.Discard, env); err == nil {
 		t.Error("FSYNC=sometimes: no error")
 	}
 }

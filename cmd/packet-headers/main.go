@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/netip"
@@ -36,17 +37,14 @@ import (
 )
 
 func main() {
-	os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr))
+	os.Exit(run(context.Background(), os.Args[1:], os.LookupEnv, os.Stdout, os.Stderr))
 }
 
-// lookupEnv is os.LookupEnv; a variable so that the env test can run in
-// parallel with others without touching the process environment.
-var lookupEnv = os.LookupEnv
-
 // run is the daemon. It returns the process exit code: 0 after a clean
-// shutdown, 1 on a runtime failure, 2 on bad flags or settings.
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	cfg, err := parseConfig(args, io.Discard)
+// shutdown, 1 on a runtime failure, 2 on bad flags or settings. env looks up
+// environment variables (os.LookupEnv).
+func run(ctx context.Context, args []string, env func(string) (string, bool), stdout, stderr io.Writer) int {
+	cfg, err := parseConfig(args, io.Discard, env)
 	if errors.Is(err, flag.ErrHelp) {
 		fmt.Fprintln(stdout, "Usage of packet-headers:")
 		fs := newFlagSet(new(Config), stdout)
@@ -57,6 +55,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "packet-headers: %v\n", oneLine(err))
 		return 2
 	}
+	if cfg.Version {
+		fmt.Fprintln(stdout, versionLine())
+		return 0
+	}
 	level, _ := parseLevel(cfg.LogLevel)
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	d, err := newDaemon(ctx, cfg, log, prometheus.NewRegistry())
@@ -64,6 +66,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "packet-headers: %v\n", oneLine(err))
 		return 2
 	}
+	d.notifySocket, _ = env("NOTIFY_SOCKET")
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	if err := d.run(ctx); err != nil {
@@ -110,6 +113,8 @@ type daemon struct {
 	packets  chan *flow.Batch
 	events   chan demuxer.Open
 	source   uuidSource
+	// notifySocket is systemd's NOTIFY_SOCKET, or empty.
+	notifySocket string
 	// stopping is closed when the UUID source and the demuxer stop, so
 	// that an event handler blocked on a full events channel gives up.
 	stopping chan struct{}
@@ -140,8 +145,16 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 	}
 	d.dataDir = dir
 
+	if cfg.MaxHeap > 0 {
+		// As the original: the heap limit is the runtime's memory limit
+		// (exported as go_gc_gomemlimit_bytes).
+		debug.SetMemoryLimit(int64(min(uint64(cfg.MaxHeap), math.MaxInt64)))
+	}
 	d.m = phmetrics.New(reg)
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if err := registerCommit(reg, commit()); err != nil {
+		return nil, err
+	}
 
 	local, err := capture.LocalAddrs()
 	if err != nil {
@@ -264,7 +277,11 @@ func (d *daemon) run(ctx context.Context) error {
 		}
 	})
 	d.log.Info("started", "datadir", d.dataDir, "interfaces", d.captures.Active(),
-		"eventsocket", d.cfg.EventSocket, "anonymize", d.cfg.AnonymizeIP.String(), "metrics", d.listener.Addr().String())
+		"eventsocket", d.cfg.EventSocket, "anonymize", d.cfg.AnonymizeIP.String(), "metrics", d.listener.Addr().String(),
+		"version", version, "commit", commit())
+	if err := sdNotify(d.notifySocket, "READY=1"); err != nil {
+		d.log.Warn("tell systemd the daemon is ready", "err", err)
+	}
 
 	// Capture and the UUID source go on for -sigtermwait after the signal,
 	// so that flows in their last moments still get named and saved.
@@ -274,6 +291,9 @@ func (d *daemon) run(ctx context.Context) error {
 	wg.Go(func() {
 		<-ctx.Done()
 		d.log.Info("signal received; stopping", "sigtermwait", d.cfg.SigtermWait)
+		if err := sdNotify(d.notifySocket, "STOPPING=1"); err != nil {
+			d.log.Warn("tell systemd the daemon is stopping", "err", err)
+		}
 		time.Sleep(d.cfg.SigtermWait)
 		stopRun()
 	})
@@ -301,9 +321,14 @@ func (d *daemon) run(ctx context.Context) error {
 	return err
 }
 
+func promHandler(g prometheus.Gatherer) http.Handler {
+	return promhttp.HandlerFor(g, promhttp.HandlerOpts{})
+}
+
 func (d *daemon) mux() *http.ServeMux {
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{}))
+	mux.Handle("/metrics", promHandler(d.reg))
+	handlePprof(mux)
 	return mux
 }
 

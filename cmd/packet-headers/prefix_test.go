@@ -15,7 +15,7 @@ import (
 // names is refused at start, with one line naming the flag and the problem
 // and exit code 2, before anything is created.
 func TestBadUUIDPrefixFile(t *testing.T) {
-	withEnv(t, nil)
+	env := envOf(nil)
 	dir := t.TempDir()
 	tests := []struct {
 		name    string
@@ -34,7 +34,7 @@ func TestBadUUIDPrefixFile(t *testing.T) {
 			}
 			datadir := filepath.Join(dir, tt.name+"-data")
 			var stdout, stderr bytes.Buffer
-			code := run(t.Context(), []string{"-datadir=" + datadir, "-uuid-prefix-file=" + prefix}, &stdout, &stderr)
+			code := run(t.Context(), []string{"-datadir=" + datadir, "-uuid-prefix-file=" + prefix}, env, &stdout, &stderr)
 			if code != 2 {
 				t.Errorf("exit code %d, want 2 (stderr %q)", code, stderr.String())
 			}
@@ -60,22 +60,22 @@ func TestBadUUIDPrefixFile(t *testing.T) {
 // TestUUIDPrefixFileBesideTCPInfo: with the eventsocket, tcp-info names the
 // flows and the prefix file is not read.
 func TestUUIDPrefixFileBesideTCPInfo(t *testing.T) {
-	withEnv(t, nil)
+	env := envOf(nil)
 	prefix := filepath.Join(t.TempDir(), "prefix")
 	if err := os.WriteFile(prefix, []byte("../../escaped"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := parseConfig([]string{"-tcpinfo.eventsocket=/run/tcpinfo.sock", "-uuid-prefix-file=" + prefix}, io.Discard); err != nil {
+	if _, err := parseConfig([]string{"-tcpinfo.eventsocket=/run/tcpinfo.sock", "-uuid-prefix-file=" + prefix}, io.Discard, env); err != nil {
 		t.Errorf("parseConfig beside tcp-info: %v, want no error", err)
 	}
-	if _, err := parseConfig([]string{"-uuid-prefix-file=" + prefix}, io.Discard); err == nil {
+	if _, err := parseConfig([]string{"-uuid-prefix-file=" + prefix}, io.Discard, env); err == nil {
 		t.Error("parseConfig standalone: no error, want the prefix refused")
 	}
 	good := filepath.Join(t.TempDir(), "good")
 	if err := os.WriteFile(good, []byte("host_1548788619"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := parseConfig([]string{"-uuid-prefix-file=" + good}, io.Discard); err != nil {
+	if _, err := parseConfig([]string{"-uuid-prefix-file=" + good}, io.Discard, env); err != nil {
 		t.Errorf("parseConfig standalone with a good prefix: %v", err)
 	}
 }
