@@ -22,7 +22,8 @@ import (
 //     a RST or FIN of a connection whose SYN-ACK was not seen.
 //
 // A SYN or SYN-ACK retransmitted with the same sequence number is the same
-// connection. The old flow then ends (its saver publishes, as when it is
+// connection, and so is the other side's SYN of a simultaneous open (before
+// any SYN-ACK). The old flow then ends (its saver publishes, as when it is
 // collected) or, still without a UUID, waits on for it aside, and the new one
 // starts with that packet.
 //
@@ -65,6 +66,7 @@ type conn struct {
 	synSeq    uint32 // the SYN's sequence number (the client's ISN)
 	synAckSeq uint32 // the SYN-ACK's sequence number (the server's ISN)
 	synAckAck uint32 // the SYN-ACK's acknowledgment number
+	synPort   uint16 // the SYN's source port
 	flags     uint8
 }
 
@@ -75,6 +77,7 @@ const (
 	connSYNACK             // synAckSeq and synAckAck are set
 	connRST                // a RST has been seen
 	connFIN                // a FIN has been seen
+	connBoth               // a simultaneous open: both sides sent SYN-ACKs
 )
 
 // tcpFlags returns the TCP flags of p, or 0 if its bytes end before them.
@@ -85,41 +88,61 @@ func tcpFlags(p *flow.Packet) byte {
 	return 0
 }
 
-// tcpSeqAck returns the sequence and acknowledgment numbers of p (zero if its
-// bytes end before them; the parser guarantees the fixed TCP header).
-func tcpSeqAck(p *flow.Packet) (seq, ack uint32) {
-	l4 := int(p.L4)
-	if len(p.Data) < l4+12 {
-		return 0, 0
-	}
-	return binary.BigEndian.Uint32(p.Data[l4+4:]), binary.BigEndian.Uint32(p.Data[l4+8:])
+// tcpHdr is what the demuxer reads of a packet's TCP header.
+type tcpHdr struct {
+	flags    byte
+	srcPort  uint16
+	seq, ack uint32
 }
 
-// startsNew reports whether a packet with these flags and numbers starts a
-// new connection on the 4-tuple of c, which has had packets.
-func (c *conn) startsNew(fl byte, seq, ack uint32) bool {
+// readTCP reads p's TCP header (zeros if p's bytes end before its fixed
+// part, which the parser does not let happen).
+func readTCP(p *flow.Packet, flags byte) tcpHdr {
+	l4 := int(p.L4)
+	if len(p.Data) < l4+12 {
+		return tcpHdr{flags: flags}
+	}
+	b := p.Data[l4:]
+	return tcpHdr{
+		flags:   flags,
+		srcPort: binary.BigEndian.Uint16(b),
+		seq:     binary.BigEndian.Uint32(b[4:]),
+		ack:     binary.BigEndian.Uint32(b[8:]),
+	}
+}
+
+// startsNew reports whether the TCP header s starts a new connection on the
+// 4-tuple of c, which has had packets.
+func (c *conn) startsNew(s tcpHdr) bool {
 	if c.flags&connSeen == 0 {
 		return false
 	}
 	ended := c.flags&(connRST|connFIN) != 0
-	switch fl & (tcpSYN | tcpACK | tcpRST) {
+	switch s.flags & (tcpSYN | tcpACK | tcpRST) {
 	case tcpSYN:
 		switch {
 		case ended:
 			return true
 		case c.flags&connSYN != 0:
-			return seq != c.synSeq
+			// A retransmission, or the other side's SYN of a
+			// simultaneous open.
+			return s.seq != c.synSeq && (s.srcPort == c.synPort || c.flags&connSYNACK != 0)
 		case c.flags&connSYNACK != 0:
-			return c.synAckAck != seq+1
+			return c.synAckAck != s.seq+1
 		default:
 			return true
 		}
 	case tcpSYN | tcpACK:
 		switch {
 		case c.flags&connSYNACK != 0:
-			return seq != c.synAckSeq
+			// A retransmission, or the other side's SYN-ACK of a
+			// simultaneous open, which acknowledges the first one's.
+			both := c.flags&connBoth != 0 || c.flags&connSYN != 0 && s.srcPort == c.synPort
+			return s.seq != c.synAckSeq && !(both && s.ack == c.synAckSeq+1)
 		case c.flags&connSYN != 0:
-			return ack != c.synSeq+1
+			// Acknowledging the connection's SYN, unless it comes
+			// from the SYN's side (a simultaneous open).
+			return s.srcPort != c.synPort && s.ack != c.synSeq+1
 		default:
 			return ended
 		}
@@ -127,30 +150,34 @@ func (c *conn) startsNew(fl byte, seq, ack uint32) bool {
 	return false
 }
 
-// record takes note of a packet of the connection.
-func (c *conn) record(fl byte, seq, ack uint32, t int64) {
+// record takes note of a packet of the connection, with TCP header s,
+// captured at t.
+func (c *conn) record(s tcpHdr, t int64) {
 	if c.flags&connSeen == 0 {
 		c.flags |= connSeen
-		if fl&tcpSYN != 0 {
+		if s.flags&tcpSYN != 0 {
 			c.start = t
 		}
 	}
-	switch fl & (tcpSYN | tcpACK | tcpRST) {
+	switch s.flags & (tcpSYN | tcpACK | tcpRST) {
 	case tcpSYN:
 		if c.flags&connSYN == 0 {
 			c.flags |= connSYN
-			c.synSeq = seq
+			c.synSeq, c.synPort = s.seq, s.srcPort
 		}
 	case tcpSYN | tcpACK:
 		if c.flags&connSYNACK == 0 {
 			c.flags |= connSYNACK
-			c.synAckSeq, c.synAckAck = seq, ack
+			c.synAckSeq, c.synAckAck = s.seq, s.ack
+			if c.flags&connSYN != 0 && s.srcPort == c.synPort {
+				c.flags |= connBoth // from the SYN's side
+			}
 		}
 	}
-	if fl&tcpRST != 0 {
+	if s.flags&tcpRST != 0 {
 		c.flags |= connRST
 	}
-	if fl&tcpFIN != 0 {
+	if s.flags&tcpFIN != 0 {
 		c.flags |= connFIN
 	}
 }

@@ -272,7 +272,7 @@ func New(cfg Config) *Demuxer {
 }
 
 // clock returns t as nanoseconds since the demuxer's epoch, on the monotonic
-// clock (t must come from time.Now or a ticker).
+// clock (t must come from d.now).
 func (d *Demuxer) clock(t time.Time) int64 { return int64(t.Sub(d.epoch)) }
 
 // HasPending reports whether any flow is waiting for its UUID. It is safe
@@ -439,14 +439,14 @@ func (d *Demuxer) Packet(p flow.Packet) {
 // to: e, or a new entry if p starts a new connection on the 4-tuple. It also
 // chooses the UUID of a connection named before its first packet.
 func (d *Demuxer) track(e *entry, p *flow.Packet, fl byte) *entry {
-	seq, ack := tcpSeqAck(p)
-	if e.conn.startsNew(fl, seq, ack) {
+	s := readTCP(p, fl)
+	if e.conn.startsNew(s) {
 		e = d.split(e, p, fl)
 	} else if e.conn.flags&connSeen == 0 && e.named != nil && e.x != nil && len(e.x.next) > 0 {
 		// Several Opens came before the first packet.
 		d.pick(e, p, fl)
 	}
-	e.conn.record(fl, seq, ack, p.Time)
+	e.conn.record(s, p.Time)
 	return e
 }
 

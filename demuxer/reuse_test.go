@@ -319,6 +319,25 @@ func TestRetransmittedSYNsDoNotSplit(t *testing.T) {
 			t.Errorf("%v pending flows dropped", n)
 		}
 	})
+	t.Run("simultaneous open", func(t *testing.T) {
+		d, _, dir := manualDemuxer(t, nil)
+		c := &tcpConn{uuid: "simultaneous"}
+		c.pkts = []flow.Packet{
+			segment(t, true, syn, 1000, 0, base),
+			segment(t, false, syn, 2000, 0, base+ms),
+			segment(t, true, syn|ack, 1000, 2001, base+2*ms),
+			segment(t, false, syn|ack, 2000, 1001, base+3*ms),
+			segment(t, true, psh|ack, 1001, 2001, base+4*ms),
+		}
+		c.describe()
+		feed(d, c.pkts...)
+		d.Open(Open{Key: c.pkts[0].Key, UUID: c.uuid, Time: time.Unix(0, base+5*ms)})
+		if d.npending != 0 {
+			t.Errorf("%d flows pending, want 0", d.npending)
+		}
+		d.Flush()
+		checkFiles(t, dir, c)
+	})
 	t.Run("reused", func(t *testing.T) {
 		d, _, dir := manualDemuxer(t, nil)
 		c1 := newConn(t, "retx1", 1000, 2000, base, "rst")
