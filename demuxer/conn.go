@@ -22,28 +22,38 @@ import (
 //     a RST or FIN of a connection whose SYN-ACK was not seen.
 //
 // A SYN or SYN-ACK retransmitted with the same sequence number is the same
-// connection, and so is the other side's SYN of a simultaneous open (before
-// any SYN-ACK). The old flow then ends (its saver publishes, as when it is
-// collected) or, still without a UUID, waits on for it aside, and the new one
-// starts with that packet.
+// connection, and so are the other side's SYN and SYN-ACK of a simultaneous
+// open. At the start of a new connection the old flow ends (its saver
+// publishes, as when it is collected) or, still without a UUID, waits on for
+// it aside until its deadline; the new one starts with that packet.
 //
 // Which connection an Open names is decided from the order of events and
 // their times: the Open's (when tcp-info saw the socket, so within its life)
 // and the packets' capture timestamps, both from the host's real-time clock.
 // An Open whose UUID the 4-tuple's flow does not have:
 //
+//   - if it is dated before the flow's connection started, names the earlier
+//     connection it is of, if that still waits for its UUID (if that has
+//     ended, the Open counts as a UUID without packets); if no earlier
+//     connection is known, it names the flow's connection if that has no
+//     UUID yet (its first SYN may have gone uncaptured), and otherwise counts
+//     as a UUID without packets;
 //   - names the flow's connection if that has no UUID yet and was not refused
 //     (a SYN answered by RST has no socket for tcp-info to see);
-//   - names an earlier connection still waiting for its UUID if it is dated
-//     before the flow's connection started;
 //   - otherwise waits, with the flow, for the next connection's first packet
 //     (the Open of a new connection often arrives before its SYN, which
 //     capture hands on up to a few hundred milliseconds later).
 //
 // When several Opens wait for a connection's first packet, a SYN takes the
 // oldest one dated after it (the sockets dated before it were there before
-// it, so they are earlier connections whose packets were not seen), another
-// packet the newest one dated before it.
+// it, so they are earlier connections whose packets were not seen), or the
+// newest if none is; another packet takes the newest one dated before it, or
+// the oldest if none is.
+//
+// An Open dated after its socket's end (the standalone source dates the Open
+// of a socket it learns of from its destroy notification when it reads that)
+// is taken for a later connection's when the 4-tuple is reused before it
+// arrives.
 
 // TCP header flags (byte 13 of the TCP header).
 const (

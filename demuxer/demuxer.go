@@ -50,7 +50,6 @@
 package demuxer
 
 import (
-	"context"
 	"log/slog"
 	"runtime/metrics"
 	"sync"
@@ -285,19 +284,20 @@ func (d *Demuxer) HasPending() bool { return d.hasPending.Load() }
 func (d *Demuxer) PendingWake() <-chan struct{} { return d.pendingWake }
 
 // Run demultiplexes until packets is closed: it takes batches of packets
-// (and returns each batch to flow.PutBatch) and UUID events, then, once
-// packets is closed, ends every flow (savers publish what they have) and waits
-// for all savers to finish. Closing packets is how the daemon shuts down: it
-// stops capturing first so that no packet with a UUID is lost. ctx only
-// stops the waiting for events; events may stay open.
-func (d *Demuxer) Run(ctx context.Context, packets <-chan *flow.Batch, events <-chan Open) {
+// (and returns each batch to flow.PutBatch) and UUID events. Closing packets
+// is how the daemon shuts down, in this order: it stops capturing (so that
+// every packet captured reaches the demuxer), then its UUID sources (which
+// deliver what they have already received), then closes packets. Run then
+// applies the Opens still waiting in events, ends every flow (savers publish
+// what they have) and waits for all savers to finish. events may stay open.
+func (d *Demuxer) Run(packets <-chan *flow.Batch, events <-chan Open) {
 	gc := time.NewTimer(d.cfg.FlowTimeout)
 	defer gc.Stop()
 	// Pending flows are checked several times per UUIDWait so that one
 	// lives at most 25% longer than its wait.
 	sweep := time.NewTicker(max(d.cfg.UUIDWait/4, time.Millisecond))
 	defer sweep.Stop()
-	d.run(ctx, packets, events, ticks{
+	d.run(packets, events, ticks{
 		gc:    gc.C,
 		sweep: sweep.C,
 		// The next GC is a full FlowTimeout after this one ended,
@@ -315,19 +315,25 @@ type ticks struct {
 	gcDone, sweepDone func()
 }
 
-func (d *Demuxer) run(ctx context.Context, packets <-chan *flow.Batch, events <-chan Open, t ticks) {
+func (d *Demuxer) run(packets <-chan *flow.Batch, events <-chan Open, t ticks) {
 	for {
 		select {
 		case b, ok := <-packets:
 			if !ok {
+				d.finishEvents(events)
 				d.shutdown()
 				return
 			}
 			d.batch(b)
-		case ev := <-events:
+		case ev, ok := <-events:
+			if !ok {
+				events = nil
+				continue
+			}
 			d.Open(ev)
 		case <-t.gc:
 			if !d.drain(packets, events) {
+				d.finishEvents(events)
 				d.shutdown()
 				return
 			}
@@ -337,6 +343,7 @@ func (d *Demuxer) run(ctx context.Context, packets <-chan *flow.Batch, events <-
 			}
 		case <-t.sweep:
 			if !d.drain(packets, events) {
+				d.finishEvents(events)
 				d.shutdown()
 				return
 			}
@@ -345,9 +352,23 @@ func (d *Demuxer) run(ctx context.Context, packets <-chan *flow.Batch, events <-
 			if t.sweepDone != nil {
 				t.sweepDone()
 			}
-		case <-ctx.Done():
-			events = nil
-			ctx = context.Background()
+		}
+	}
+}
+
+// finishEvents applies the Opens waiting in events when packets closes: the
+// UUID sources have stopped by then, and what they delivered names its flows
+// before the flows end.
+func (d *Demuxer) finishEvents(events <-chan Open) {
+	for {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				return
+			}
+			d.Open(ev)
+		default:
+			return
 		}
 	}
 }
@@ -370,7 +391,11 @@ func (d *Demuxer) drain(packets <-chan *flow.Batch, events <-chan Open) bool {
 				return false
 			}
 			d.batch(b)
-		case ev := <-events:
+		case ev, ok := <-events:
+			if !ok {
+				events = nil
+				continue
+			}
 			d.Open(ev)
 		default:
 			return true

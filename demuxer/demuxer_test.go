@@ -1,7 +1,6 @@
 package demuxer
 
 import (
-	"context"
 	"encoding/binary"
 	"errors"
 	"io/fs"
@@ -84,7 +83,7 @@ func newHarness(t *testing.T, tweak func(*Config)) *harness {
 	h.d.now = func() time.Time { return epoch.Add(time.Duration(h.clock.Load())) }
 	tick := func() { h.ticked <- struct{}{} }
 	go func() {
-		h.d.run(context.Background(), h.packets, h.events, ticks{gc: h.gcC, sweep: h.sweepC, gcDone: tick, sweepDone: tick})
+		h.d.run(h.packets, h.events, ticks{gc: h.gcC, sweep: h.sweepC, gcDone: tick, sweepDone: tick})
 		close(h.done)
 	}()
 	return h
@@ -290,7 +289,7 @@ func TestRunTimers(t *testing.T) {
 		})
 		packets, events, done := make(chan *flow.Batch), make(chan Open), make(chan struct{})
 		go func() {
-			d.Run(context.Background(), packets, events)
+			d.Run(packets, events)
 			close(done)
 		}()
 		send := func(pkts ...flow.Packet) {
@@ -463,4 +462,35 @@ func TestPendingPacketsBoundedOverall(t *testing.T) {
 			t.Errorf("missed{pending} = %v, want 2", n)
 		}
 	})
+}
+
+// TestOpensWaitingAtShutdownNameTheirFlows: Opens that the UUID source
+// delivered before the shutdown, still waiting in the channel when packets
+// closes, name their flows before the flows end.
+func TestOpensWaitingAtShutdownNameTheirFlows(t *testing.T) {
+	for range 20 { // the loop may or may not take the Open before the close
+		m := metrics.New(prometheus.NewRegistry())
+		dir := t.TempDir()
+		d := New(Config{
+			FlowTimeout: time.Hour,
+			UUIDWait:    time.Hour,
+			Saver:       &saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m},
+			Metrics:     m,
+		})
+		pkts := readPackets(t, "v4.pcap")
+		packets, events, done := make(chan *flow.Batch), make(chan Open, 1), make(chan struct{})
+		go func() {
+			d.Run(packets, events)
+			close(done)
+		}()
+		b := flow.GetBatch()
+		b.Packets = append(b.Packets, pkts...)
+		packets <- b
+		events <- Open{Key: pkts[0].Key, UUID: "late", Time: opened}
+		close(packets)
+		<-done
+		if _, err := os.Stat(saver.DatePath(dir, "late", opened)); err != nil {
+			t.Fatalf("flow named at shutdown not published: %v", err)
+		}
+	}
 }

@@ -1,7 +1,6 @@
 package demuxer
 
 import (
-	"context"
 	"testing"
 	"time"
 
@@ -40,7 +39,7 @@ func runOnce(t *testing.T, d *Demuxer, b *flow.Batch, ev *Open, gc bool, check f
 	}
 	done := make(chan struct{})
 	go func() {
-		d.run(context.Background(), packets, events, tk)
+		d.run(packets, events, tk)
 		close(done)
 	}()
 	<-handled
