@@ -14,6 +14,44 @@
 // the zeroed octet back from it; the same held for the TCP checksum of
 // segments without payload, and for the offloaded "partial" TCP checksum of
 // every packet the host sent. See [Anonymizer.Packet].
+//
+// # Options and extension headers
+//
+// A record keeps every byte from the link header to the end of the TCP
+// header, IPv4 options and IPv6 extension headers included, and some of
+// them carry full addresses. Packet anonymizes these addresses by the same
+// rule as the header's (the host's own are kept): those of IPv4 Record
+// Route, Loose and Strict Source Route options and of Timestamp options with
+// addresses (flags 1 and 3); those of IPv6 routing headers of type 0, 2
+// (Mobile IPv6) and 4 (segment routing), and of the Home Address destination
+// option; and that of an MPTCP ADD_ADDR option, whose HMAC it clears, since
+// the keys it is computed with are in the same file (the handshake's
+// MP_CAPABLE options), so that it would let anyone test each candidate
+// address.
+//
+// It keeps only what it knows carries no address: the IPv4 Router Alert
+// option, timestamps, pointers and flags; the IPv6 Router Alert, Jumbo
+// Payload and Tunnel Encapsulation Limit options, fragment and
+// authentication headers (whose ICV is keyed, and says nothing without the
+// key), the segment list's last entry, flags and tag. The data of every
+// other option is cleared, its type and length kept so that the header
+// still parses: options carry addresses that no list of known ones would
+// cover (the traceroute option's originator, the address extension and
+// selective directed broadcast options, experimental and vendor options
+// without public specifications), and the kept ones are what a reader of
+// headers wants. So are cleared: the bytes after an IPv4 End of Options, or
+// from a malformed option on (nothing after it can be read); padding
+// (PadN), whose bytes should be zero anyway; the reserved bytes and
+// segment-routing TLVs of routing headers, the data of routing headers of
+// other types (RPL's compressed addresses); mobility headers after their
+// type (their messages carry addresses, and their checksum covers them);
+// and any byte between the IPv6 header and the TCP header that the walk
+// cannot account for.
+//
+// The IPv4 header checksum covers the options, and is updated for every
+// byte that changes. The TCP checksum covers the addresses of its
+// pseudo-header, which may be those of an option (the final destination of
+// a pending source route, the home address): see [Anonymizer.Packet].
 package anonymize
 
 import (
@@ -150,22 +188,29 @@ func (a *Anonymizer) Addr(addr netip.Addr) netip.Addr {
 	return netip.AddrFrom16(b).WithZone(addr.Zone())
 }
 
-// Packet anonymizes, in place, the source and destination addresses of the IP
-// header at data[l3:], an IPv6 header if ipv6 is true and IPv4 otherwise; l4
-// is the offset of the TCP header. The offsets are those found by flow.Parse,
-// which also checked the IP version. The caller must own data (see
-// flow.Packet). Packet does not allocate, and it never panics: if data is too
-// short to hold both addresses, or the offsets are out of range, it changes
-// nothing. Anonymizing an anonymized packet changes nothing.
+// Packet anonymizes, in place, the IP header at data[l3:], an IPv6 header if
+// ipv6 is true and IPv4 otherwise; l4 is the offset of the TCP header. The
+// offsets are those found by flow.Parse, which also checked the IP version.
+// The caller must own data (see flow.Packet). Packet does not allocate, and
+// it never panics: it changes nothing it cannot find whole (an address cut
+// off, offsets out of range). Anonymizing an anonymized packet changes
+// nothing.
 //
-// Packet keeps the checksums in data consistent with the new addresses: the
-// IPv4 header checksum if the whole IPv4 header is in data, and the TCP
-// checksum (whose pseudo-header holds the addresses) if data reaches it. It
-// updates them incrementally by RFC 1624 eqn. 3, HC' = ~(~HC + ~m + m'),
-// which gives 0x0000 where the new sum is 0xFFFF, as recomputing does, and
-// not the 0xFFFF of RFC 1141's eqn. 2. A valid checksum ends up exactly as if
-// computed afresh, and an invalid one stays invalid by the same amount, so
-// neither says anything about the zeroed bytes.
+// It anonymizes every address the record carries, not only the source and
+// destination: those in IPv4 options and IPv6 extension headers, and the
+// one of an MPTCP ADD_ADDR option; it clears what it does not know to be
+// free of addresses (see the package documentation, "Options and extension
+// headers").
+//
+// Packet keeps the checksums in data consistent with the new bytes: the
+// IPv4 header checksum (which covers the options) if the whole IPv4 header
+// is in data, and the TCP checksum (whose pseudo-header holds two of the
+// addresses) if data reaches it. It updates them incrementally by RFC 1624
+// eqn. 3, HC' = ~(~HC + ~m + m'), which gives 0x0000 where the new sum is
+// 0xFFFF, as recomputing does, and not the 0xFFFF of RFC 1141's eqn. 2. A
+// valid checksum ends up exactly as if computed afresh, and an invalid one
+// stays invalid by the same amount, so neither says anything about the
+// zeroed bytes.
 //
 // Two kinds of invalid checksum would reveal the old address if updated that
 // way, and are handled apart:
@@ -182,45 +227,113 @@ func (a *Anonymizer) Addr(addr netip.Addr) netip.Addr {
 // cannot check it, and takes it for a full checksum unless it equals the
 // partial one, which a valid full checksum does by chance about once in 65535
 // packets. Nobody reading data can check such a checksum either.
+//
+// The pseudo-header holds the final destination, which a pending source
+// route (IPv4 LSRR or SSRR with addresses left, an IPv6 routing header with
+// segments left) carries in the option rather than in the header, and for
+// IPv6 the home address of a Home Address option in place of the source
+// (RFC 6275); senders do not all agree. When a packet has such a choice,
+// Packet updates the TCP checksum for the pseudo-header under which it is
+// valid or partial, and if it cannot tell (a checksum over absent payload, or
+// an invalid one, or a routing header whose addresses it cannot read), it
+// sets it to 0, the placeholder, which says nothing.
 func (a *Anonymizer) Packet(data []byte, l3, l4 int, ipv6 bool) {
 	if a == nil || a.method == None {
 		return
 	}
-	addrOff, addrLen, ipHdrLen := 12, 4, 20 // IPv4
+	s := *a.local.Load()
 	if ipv6 {
-		addrOff, addrLen, ipHdrLen = 8, 16, 40
+		s.packet6(data, l3, l4)
+	} else {
+		s.packet4(data, l3, l4)
 	}
-	if l3 < 0 || l3 > len(data) || len(data)-l3 < ipHdrLen {
+}
+
+func (s localSet) packet4(data []byte, l3, l4 int) {
+	if l3 < 0 || l3 > len(data) || len(data)-l3 < 20 {
 		return
 	}
 	ip := data[l3:]
-	addrs := ip[addrOff : addrOff+2*addrLen]
-
-	// Decide how to update each checksum before the addresses change,
-	// because whether a checksum is valid depends on the old ones.
-	ipCk := ckSkip
-	if !ipv6 {
-		ipCk = ipv4Kind(ip)
+	ihl := int(ip[0]&0x0f) * 4
+	var opts []byte // the options there are: those cut off are not
+	if ihl > 20 {
+		opts = ip[20:min(ihl, len(ip))]
 	}
-	tcpCk := tcpKind(data, l3, l4, ipHdrLen, addrs, ipv6)
 
-	s := *a.local.Load()
-	// delta is the one's-complement sum of ~m + m' over every 16-bit word
-	// m that changes to m', as RFC 1624 eqn. 3 wants it. Both checksums
-	// take the same delta: the TCP pseudo-header holds the same address
-	// words as the IPv4 header.
-	var delta uint32
-	changed := s.hide(addrs[:addrLen], &delta)
-	changed = s.hide(addrs[addrLen:], &delta) || changed
-	if !changed {
+	// Decide how to update each checksum before anything changes,
+	// because whether a checksum is valid depends on the old bytes.
+	ipCk := ipv4Kind(ip)
+	src, dst := ip[12:16], ip[16:20]
+	end := -1
+	if n := int(binary.BigEndian.Uint16(ip[2:])); n != 0 {
+		end = l3 + n
+	}
+	var final []byte
+	if opts != nil {
+		final = finalHop4(opts)
+	}
+	var tcp tcpPlan
+	tcp.plan(data, l4, l3+max(ihl, 20), end, src, nil, dst, final, false)
+
+	// srcDelta and dstDelta are the one's-complement sums of ~m + m' over
+	// every 16-bit word m of the address that changes to m', as RFC 1624
+	// eqn. 3 wants them, for both checksums: the TCP pseudo-header holds
+	// the same address words as the IPv4 header (at even offsets in both).
+	var srcDelta, dstDelta uint32
+	srcChanged := s.hide(src, &srcDelta)
+	dstChanged := s.hide(dst, &dstDelta)
+	ipDelta, changed := srcDelta+dstDelta, srcChanged || dstChanged
+	if opts != nil {
+		var old [40]byte
+		copy(old[:], opts)
+		if s.options4(opts) {
+			// The options start at an even offset of the header.
+			d, _ := wordDelta(old[:len(opts)], opts)
+			ipDelta, changed = ipDelta+d, true
+		}
+	}
+	optsDelta, optsChanged := s.tcpOptions(data, l4, l3+max(ihl, 20))
+	if !changed && !optsChanged {
 		return // nor do the checksums
 	}
-	if ipCk != ckSkip {
-		update(ip[10:12], ipCk, delta)
+	if changed {
+		update(ip[10:12], ipCk, ipDelta)
 	}
-	if tcpCk != ckSkip {
-		update(data[l4+16:l4+18], tcpCk, delta)
+	tcp.apply(srcDelta, dstDelta, srcChanged, dstChanged, changed, optsDelta, optsChanged)
+}
+
+func (s localSet) packet6(data []byte, l3, l4 int) {
+	if l3 < 0 || l3 > len(data) || len(data)-l3 < 40 {
+		return
 	}
+	ip := data[l3:]
+	src, dst := ip[8:24], ip[24:40]
+	// Extension headers: where the alternative addresses are, if any.
+	hasExt := l4 != l3+40 || ip[6] != protoTCP
+	var ext ext6Result
+	if hasExt {
+		s.ext6(&ext, data, l3, l4, false)
+	}
+	end := -1
+	if n := int(binary.BigEndian.Uint16(ip[4:])); n != 0 {
+		end = l3 + 40 + n
+	}
+	var tcp tcpPlan
+	tcp.plan(data, l4, l3+40, end, src, ext.home, dst, ext.final, ext.ambiguous)
+
+	var srcDelta, dstDelta uint32
+	srcChanged := s.hide(src, &srcDelta)
+	dstChanged := s.hide(dst, &dstDelta)
+	changed := srcChanged || dstChanged
+	if hasExt {
+		s.ext6(&ext, data, l3, l4, true)
+		changed = ext.changed || changed
+	}
+	optsDelta, optsChanged := s.tcpOptions(data, l4, l3+40)
+	if !changed && !optsChanged {
+		return
+	}
+	tcp.apply(srcDelta, dstDelta, srcChanged, dstChanged, changed, optsDelta, optsChanged)
 }
 
 // checksumKind says how to update a checksum when words it covers change.
@@ -234,6 +347,9 @@ const (
 	// ckPartial: the uncomplemented sum of the TCP pseudo-header only, left
 	// for the NIC to finish by transmit checksum offload.
 	ckPartial
+	// ckZero: a TCP checksum whose pseudo-header Packet cannot tell; it
+	// becomes 0, the placeholder, if anything in the packet changes.
+	ckZero
 )
 
 // ipv4Kind returns how to update the checksum of the IPv4 header that starts
@@ -254,38 +370,123 @@ func ipv4Kind(ip []byte) checksumKind {
 	return ckFull
 }
 
-// tcpKind returns how to update the TCP checksum at data[l4+16:], or ckSkip if
-// data does not reach it or l4 does not lie past the IP fixed header. addrs
-// holds the source and destination addresses, which start the pseudo-header.
-func tcpKind(data []byte, l3, l4, ipHdrLen int, addrs []byte, ipv6 bool) checksumKind {
-	if l4 < 0 || l4-l3 < ipHdrLen || l4 > len(data) || len(data)-l4 < 18 {
-		return ckSkip
+// tcpPlan is how Packet updates a TCP checksum, decided before anything
+// changes.
+type tcpPlan struct {
+	kind checksumKind
+	ck   []byte // the checksum field
+	// altSrc and altDst, if not nil, are the addresses the pseudo-header
+	// is taken to hold in place of the header's source or destination;
+	// oldSrc and oldDst hold their bytes before the change.
+	altSrc, altDst []byte
+	oldSrc, oldDst [16]byte
+}
+
+// plan decides how to update the TCP checksum at data[l4+16:]: ckSkip if
+// data does not reach it or l4 lies before minL4 (the end of the IP header).
+// end is where the IP datagram ends, -1 if its length field says nothing
+// (IPv4 BIG TCP, IPv6 jumbograms): then a partial checksum cannot be
+// recognized. The pseudo-header holds src or altSrc, and dst or altDst (a
+// nil alternative is no choice); ambiguous says that it may hold an address
+// Packet cannot read.
+func (p *tcpPlan) plan(data []byte, l4, minL4, end int, src, altSrc, dst, altDst []byte, ambiguous bool) {
+	if l4 < minL4 || l4 > len(data) || len(data)-l4 < 18 {
+		return
 	}
-	// The pseudo-header's TCP length, from the IP length fields. A zero
-	// length field (IPv4 BIG TCP, IPv6 jumbograms) gives none, and then a
-	// partial checksum cannot be recognized.
-	end := l3 + int(binary.BigEndian.Uint16(data[l3+2:]))
-	if ipv6 {
-		end = l3 + ipHdrLen + int(binary.BigEndian.Uint16(data[l3+4:]))
-	}
-	var pseudo uint64
+	p.ck = data[l4+16 : l4+18]
 	known := end-l4 >= 20
-	if known {
-		pseudo = sum(uint64(6+end-l4), addrs) // protocol 6, then the length
-		if end <= len(data) && fold(sum(pseudo, data[l4:end])) == 0xffff {
-			return ckFull
+	complete := known && end <= len(data)
+	var seg uint64 // the segment's sum, if it is all there
+	if complete {
+		seg = sum(0, data[l4:end])
+	}
+	length := uint64(6 + end - l4) // protocol 6, then the TCP length
+	ck := binary.BigEndian.Uint16(p.ck)
+	if altSrc == nil && altDst == nil && !ambiguous {
+		// One pseudo-header, as nearly always.
+		pseudo := sum(sum(length, src), dst)
+		switch {
+		case complete && fold(pseudo+seg) == 0xffff:
+			p.kind = ckFull
+		case ck == 0:
+		case known && ck == fold(pseudo):
+			// The kernel stores the folded sum, never 0x0000 for a sum
+			// that includes the protocol, so one comparison suffices.
+			p.kind = ckPartial
+		default:
+			p.kind = ckFull
+		}
+		return
+	}
+	p.altSrc, p.altDst = altSrc, altDst
+	srcs, dsts := [2][]byte{src, altSrc}, [2][]byte{dst, altDst}
+	for i, s := range srcs {
+		for j, d := range dsts {
+			if complete && s != nil && d != nil && fold(sum(sum(length+seg, s), d)) == 0xffff {
+				p.use(ckFull, i == 1, j == 1)
+				return
+			}
 		}
 	}
-	ck := binary.BigEndian.Uint16(data[l4+16:])
-	switch {
-	case ck == 0:
-		return ckSkip
-	case known && ck == fold(pseudo):
-		// The kernel stores the folded sum, never 0x0000 for a sum that
-		// includes the protocol, so one comparison suffices.
-		return ckPartial
+	if ck == 0 {
+		return
 	}
-	return ckFull
+	if known {
+		for i, s := range srcs {
+			for j, d := range dsts {
+				if s != nil && d != nil && ck == fold(sum(sum(length, s), d)) {
+					p.use(ckPartial, i == 1, j == 1)
+					return
+				}
+			}
+		}
+	}
+	p.kind = ckZero
+}
+
+// use records the pseudo-header chosen: the alternative source and
+// destination if altS and altD.
+func (p *tcpPlan) use(kind checksumKind, altS, altD bool) {
+	p.kind = kind
+	if !altS {
+		p.altSrc = nil
+	}
+	if !altD {
+		p.altDst = nil
+	}
+	copy(p.oldSrc[:], p.altSrc)
+	copy(p.oldDst[:], p.altDst)
+}
+
+// apply updates the checksum after the change. srcDelta, dstDelta,
+// srcChanged and dstChanged say how the header's addresses changed (see
+// hide); changed whether any byte of the IP header (addresses, options,
+// extension headers) did, and optsDelta and optsChanged what changed in the
+// TCP options (see wordDelta).
+func (p *tcpPlan) apply(srcDelta, dstDelta uint32, srcChanged, dstChanged, changed bool, optsDelta uint32, optsChanged bool) {
+	switch p.kind {
+	case ckZero:
+		if changed || optsChanged {
+			p.ck[0], p.ck[1] = 0, 0
+		}
+		return
+	case ckSkip:
+		return
+	}
+	if p.altSrc != nil {
+		srcDelta, srcChanged = wordDelta(p.oldSrc[:len(p.altSrc)], p.altSrc)
+	}
+	if p.altDst != nil {
+		dstDelta, dstChanged = wordDelta(p.oldDst[:len(p.altDst)], p.altDst)
+	}
+	delta, any := srcDelta+dstDelta, srcChanged || dstChanged
+	if p.kind == ckFull && optsChanged {
+		// The TCP header is in the full checksum, not in the partial one.
+		delta, any = delta+optsDelta, true
+	}
+	if any {
+		update(p.ck, p.kind, delta)
+	}
 }
 
 // update applies delta to the checksum field ck (2 bytes) of the given kind.
@@ -302,6 +503,24 @@ func update(ck []byte, kind checksumKind, delta uint32) {
 		return
 	}
 	binary.BigEndian.PutUint16(ck, hc)
+}
+
+// wordDelta returns the sum of ~m + m' over every 16-bit word m of old that
+// is m' in cur, which hold the same bytes before and after a change and
+// start at an even offset of what the checksum covers (a last odd byte is
+// the high byte of a word), and whether any word changed.
+func wordDelta(old, cur []byte) (delta uint32, changed bool) {
+	for i := 0; i < len(cur); i += 2 {
+		m, m2 := uint16(old[i])<<8, uint16(cur[i])<<8
+		if i+1 < len(cur) {
+			m, m2 = m|uint16(old[i+1]), m2|uint16(cur[i+1])
+		}
+		if m != m2 {
+			delta += uint32(^m) + uint32(m2)
+			changed = true
+		}
+	}
+	return delta, changed
 }
 
 // hide zeroes the host part of ip, a 4- or 16-byte address as it appears in a
@@ -332,6 +551,18 @@ func (s localSet) hide(ip []byte, delta *uint32) bool {
 		if m2 != m {
 			*delta += uint32(^m) + uint32(m2)
 			binary.BigEndian.PutUint16(ip[i:], m2)
+			changed = true
+		}
+	}
+	return changed
+}
+
+// zero clears b and reports whether it held anything.
+func zero(b []byte) bool {
+	changed := false
+	for i := range b {
+		if b[i] != 0 {
+			b[i] = 0
 			changed = true
 		}
 	}

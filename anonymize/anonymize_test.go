@@ -614,8 +614,14 @@ func TestPacketShort(t *testing.T) {
 }
 
 // FuzzPacket feeds arbitrary bytes and offsets to Packet: it must not panic,
-// must change no byte but the addresses and checksums, and must change
-// nothing the second time.
+// must change no byte but the addresses, options, extension headers and
+// checksums, and must change nothing the second time. It then builds a
+// packet from the same bytes (see genPacket: IPv4 options or IPv6 extension
+// headers of every kind, the remote address in every place an address goes
+// and in data Packet clears) and checks that no copy of the remote address
+// (4 or 16 bytes) survives anywhere in the anonymized record, that nothing
+// in it depends on the address's host part, and that the checksums stay
+// valid (checkGenerated).
 func FuzzPacket(f *testing.F) {
 	for _, s := range []spec{
 		{src: local4, dst: remote4, payload: []byte("x")},
@@ -633,6 +639,11 @@ func FuzzPacket(f *testing.F) {
 		f.Add(p, -1, h.L4, h.IPv6)
 		f.Add(p, h.L3, 1<<62, h.IPv6)
 	}
+	// Descriptions for genPacket.
+	for i := range byte(16) {
+		f.Add(bytes.Repeat([]byte{i}, 96), 0, 0, false)
+		f.Add(bytes.Repeat([]byte{i, 2, 3, 1}, 24), 0, 0, true)
+	}
 	a := New(Netblock, []netip.Addr{local4, local6})
 	f.Fuzz(func(t *testing.T, data []byte, l3, l4 int, ipv6 bool) {
 		orig := bytes.Clone(data)
@@ -640,12 +651,21 @@ func FuzzPacket(f *testing.F) {
 		if len(data) != len(orig) {
 			t.Fatalf("length changed from %d to %d", len(orig), len(data))
 		}
+		// The addresses, the IPv4 options or the IPv6 extension
+		// headers, the checksums and the TCP options may change.
+		ipEnd := l3 + 20
+		if ipv6 {
+			ipEnd = l4
+		} else if l3 >= 0 && l3 < len(orig) {
+			ipEnd = l3 + max(20, int(orig[l3]&0x0f)*4)
+		}
 		mayChange := func(i int) bool {
 			in := func(off, n int) bool { return i >= l3+off && i < l3+off+n }
+			tcp := i == l4+16 || i == l4+17 || (i >= l4+20 && i < l4+60)
 			if ipv6 {
-				return in(8, 32) || i == l4+16 || i == l4+17
+				return in(8, 32) || (i >= l3+40 && i < ipEnd) || tcp
 			}
-			return in(12, 8) || in(10, 2) || i == l4+16 || i == l4+17
+			return in(10, 10) || (i >= l3+20 && i < ipEnd) || tcp
 		}
 		for i := range data {
 			if data[i] != orig[i] && !mayChange(i) {
@@ -656,6 +676,12 @@ func FuzzPacket(f *testing.F) {
 		a.Packet(data, l3, l4, ipv6)
 		if !bytes.Equal(once, data) {
 			t.Fatalf("second Packet changed the packet (-first +second):\n%s", cmp.Diff(once, data))
+		}
+
+		if ipv6 {
+			checkGenerated(t, a, orig, remote6, remote6b)
+		} else {
+			checkGenerated(t, a, orig, remote4, remote4b)
 		}
 	})
 }
