@@ -343,6 +343,7 @@ func (s *Source) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
+			s.finalPoll(ctx)
 			return nil
 		case <-pollC:
 			schedule(s.poll(ctx))
@@ -354,6 +355,22 @@ func (s *Source) Run(ctx context.Context) error {
 			s.drainDestroyed(ctx)
 		}
 	}
+}
+
+// finalPollLimit bounds the last poll at the stop, should nobody read out.
+const finalPollLimit = time.Second
+
+// finalPoll names, at the stop, the flows that still wait for their UUID
+// (destroy notifications included), so that a flow whose socket the kernel
+// knows is saved even when it began within the last poll interval. The
+// daemon's demuxer reads out until the source has returned.
+func (s *Source) finalPoll(ctx context.Context) {
+	if s.cfg.Needed == nil || !s.cfg.Needed() {
+		return
+	}
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finalPollLimit)
+	defer cancel()
+	s.poll(fctx)
 }
 
 // pollWait is how long to wait after a poll that took d.

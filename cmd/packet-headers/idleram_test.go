@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/m-lab/packet-headers/demuxer"
-	"github.com/m-lab/packet-headers/tcpeventsocket"
 )
 
 // syncBuffer is a bytes.Buffer safe for a logger and the test to share.
@@ -74,19 +72,4 @@ func TestReleaseIdleRAM(t *testing.T) {
 	if free := heapFree(); free > uint64(maxIdle) {
 		t.Errorf("%d bytes of idle heap after releasing, want at most %d", free, maxIdle)
 	}
-}
-
-// TestEventHandlerGivesUpWhenStopping: a handler blocked on a full events
-// channel returns once the daemon stops, instead of holding up shutdown.
-func TestEventHandlerGivesUpWhenStopping(t *testing.T) {
-	out := make(chan demuxer.Open) // nobody reads: always full
-	done := make(chan struct{})
-	h := eventHandler{out, done}
-	returned := make(chan struct{})
-	go func() {
-		h.Event(tcpeventsocket.Event{Kind: tcpeventsocket.Open, UUID: "u"})
-		close(returned)
-	}()
-	close(done)
-	<-returned // hangs (and the test times out) if Event does not give up
 }

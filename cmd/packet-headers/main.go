@@ -115,9 +115,6 @@ type daemon struct {
 	source   uuidSource
 	// notifySocket is systemd's NOTIFY_SOCKET, or empty.
 	notifySocket string
-	// stopping is closed when the UUID source and the demuxer stop, so
-	// that an event handler blocked on a full events channel gives up.
-	stopping chan struct{}
 }
 
 // uuidSource tells the demuxer the UUIDs of flows until ctx is done.
@@ -167,7 +164,6 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 	}
 	d.packets = make(chan *flow.Batch, 256)
 	d.events = make(chan demuxer.Open, 1024)
-	d.stopping = make(chan struct{})
 	d.demux = demuxer.New(demuxer.Config{
 		FlowTimeout: cfg.FlowTimeout,
 		UUIDWait:    cfg.UUIDWait,
@@ -216,7 +212,7 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 
 func (d *daemon) newUUIDSource() (uuidSource, error) {
 	if d.cfg.EventSocket != "" {
-		c := tcpeventsocket.New(d.cfg.EventSocket, eventHandler{d.events, d.stopping}, d.m, d.log)
+		c := tcpeventsocket.New(d.cfg.EventSocket, eventHandler{d.events}, d.m, d.log)
 		c.SkipClose = true // flows end by going idle or by -captureduration
 		return c, nil
 	}
@@ -237,20 +233,16 @@ func (d *daemon) newUUIDSource() (uuidSource, error) {
 	return src, nil
 }
 
-// eventHandler passes tcp-info's Open events to the demuxer, until done is
-// closed: the demuxer stops reading events then, and a handler blocked on a
-// full channel would keep the client, and the daemon's shutdown, waiting.
+// eventHandler passes tcp-info's Open events to the demuxer. It may block
+// on a full channel: the demuxer reads events until the UUID source has
+// stopped (see daemon.run).
 type eventHandler struct {
-	out  chan<- demuxer.Open
-	done <-chan struct{}
+	out chan<- demuxer.Open
 }
 
 func (h eventHandler) Event(ev tcpeventsocket.Event) {
 	if ev.Kind == tcpeventsocket.Open {
-		select {
-		case h.out <- demuxer.Open{Key: ev.Key, UUID: ev.UUID, Time: ev.Time}:
-		case <-h.done:
-		}
+		h.out <- demuxer.Open{Key: ev.Key, UUID: ev.UUID, Time: ev.Time}
 	}
 }
 
@@ -287,7 +279,6 @@ func (d *daemon) run(ctx context.Context) error {
 	// so that flows in their last moments still get named and saved.
 	runCtx, stopRun := context.WithCancel(context.Background())
 	defer stopRun()
-	context.AfterFunc(runCtx, func() { close(d.stopping) })
 	wg.Go(func() {
 		<-ctx.Done()
 		d.log.Info("signal received; stopping", "sigtermwait", d.cfg.SigtermWait)
@@ -297,20 +288,31 @@ func (d *daemon) run(ctx context.Context) error {
 		time.Sleep(d.cfg.SigtermWait)
 		stopRun()
 	})
-	wg.Go(func() {
-		if err := d.source.Run(runCtx); err != nil {
+	srcCtx, stopSource := context.WithCancel(context.Background())
+	defer stopSource()
+	sourceDone := make(chan struct{})
+	go func() {
+		defer close(sourceDone)
+		if err := d.source.Run(srcCtx); err != nil {
 			d.log.Error("UUID source", "err", err)
 		}
-	})
+	}()
 	wg.Go(func() { d.releaseIdleRAM(runCtx, idleRAMCheckInterval) })
 	demuxDone := make(chan struct{})
 	go func() {
-		d.demux.Run(runCtx, d.packets, d.events)
+		d.demux.Run(d.packets, d.events)
 		close(demuxDone)
 	}()
+
+	// The shutdown, in order. 1: the captures stop and hand on everything
+	// the kernel captured before the stop (Run returns once they have).
 	d.captures.Run(runCtx)
-	// Every capture has ended and sent what it read: the demuxer ends every
-	// flow and waits for its saver to publish.
+	// 2: the UUID source stops, after delivering the UUIDs it has
+	// already received, while the demuxer still reads them.
+	stopSource()
+	<-sourceDone
+	// 3: the demuxer applies the UUIDs still waiting, ends every flow and
+	// waits for its saver to publish.
 	close(d.packets)
 	<-demuxDone
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
