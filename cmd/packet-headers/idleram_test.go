@@ -10,7 +10,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
 )
 
 // syncBuffer is a bytes.Buffer safe for a logger and the test to share.
