@@ -457,3 +457,87 @@ func TestQueuedOpenOutlivesIdleFlow(t *testing.T) {
 	d.Flush()
 	checkFiles(t, dir, c1, c2)
 }
+
+// TestOpenDatedBeforeTheConnection: an Open dated before the flow's
+// connection started is of an earlier connection on the 4-tuple.
+func TestOpenDatedBeforeTheConnection(t *testing.T) {
+	t.Run("no earlier connection known, flow unnamed", func(t *testing.T) {
+		// The connection's first SYN was not captured, its retransmission
+		// a second later was: its socket was seen before that one.
+		d, _, dir := manualDemuxer(t, nil)
+		c := newConn(t, "retx", 1000, 2000, base+int64(time.Second), "fin")
+		feed(d, c.pkts...)
+		d.Open(Open{Key: c.pkts[0].Key, UUID: c.uuid, Time: time.Unix(0, base)})
+		d.Flush()
+		checkFiles(t, dir, c)
+	})
+	t.Run("no earlier connection known, flow named", func(t *testing.T) {
+		d, m, dir := manualDemuxer(t, nil)
+		c1 := newConn(t, "one", 1000, 2000, base+10*ms, "fin")
+		c2 := newConn(t, "two", 5000, 6000, base+20*ms, "fin")
+		feed(d, c1.pkts[:3]...)
+		d.Open(c1.open())
+		feed(d, c1.pkts[3:]...)
+		d.Open(Open{Key: c1.pkts[0].Key, UUID: "stale", Time: time.Unix(0, base)})
+		feed(d, c2.pkts...) // not named by the stale Open
+		if d.npending != 1 {
+			t.Errorf("%d flows pending, want the second connection", d.npending)
+		}
+		d.Flush()
+		checkFiles(t, dir, c1)
+		if got := records(t, dir, "stale"); got != nil {
+			t.Errorf("the stale Open named a connection: %d packets", len(got))
+		}
+		if n := testutil.ToFloat64(m.SaverErrors.WithLabelValues("nopackets")); n != 1 {
+			t.Errorf("nopackets errors %v, want 1 (the stale Open)", n)
+		}
+	})
+	t.Run("earlier connection dropped at its deadline", func(t *testing.T) {
+		d, m, _ := manualDemuxer(t, func(c *Config) { c.UUIDWait = 5 * time.Second })
+		var now time.Duration
+		fakeClock(d, &now)
+		c1 := newConn(t, "one", 1000, 2000, base, "rst")
+		c2 := newConn(t, "two", 5000, 6000, base+4*int64(time.Second), "")
+		feed(d, c1.pkts...)
+		now = 4 * time.Second
+		feed(d, c2.pkts...)
+		now = 5 * time.Second
+		d.expirePending(d.clock(d.now())) // c1's wait is over
+		if d.npending != 1 {
+			t.Fatalf("%d flows pending, want the second connection", d.npending)
+		}
+		d.Open(c1.open()) // too late for c1; not c2's
+		if d.npending != 1 {
+			t.Errorf("the first connection's late Open named the second connection")
+		}
+		if n := testutil.ToFloat64(m.SaverErrors.WithLabelValues("nopackets")); n != 1 {
+			t.Errorf("nopackets errors %v, want 1 (the late Open)", n)
+		}
+		d.Flush()
+	})
+}
+
+// TestOpensQueueBounded: at most maxQueued Opens wait for later
+// connections on a 4-tuple; beyond that the oldest is counted as a UUID
+// without packets and forgotten.
+func TestOpensQueueBounded(t *testing.T) {
+	d, m, dir := manualDemuxer(t, nil)
+	c := newConn(t, "last", 1000, 2000, base+time.Hour.Nanoseconds(), "fin")
+	k := c.pkts[0].Key
+	for i := range maxQueued + 2 {
+		d.Open(Open{Key: k, UUID: fmt.Sprintf("early%d", i), Time: time.Unix(0, base+int64(i))})
+	}
+	d.Open(c.open())
+	// The first is the entry's name and maxQueued wait behind it: the two
+	// oldest of those are dropped. At the SYN, all but the last, dated
+	// before it, are taken for connections whose packets were not seen.
+	if n := testutil.ToFloat64(m.SaverErrors.WithLabelValues("nopackets")); n != 2 {
+		t.Errorf("nopackets errors %v after the Opens, want 2", n)
+	}
+	feed(d, c.pkts...)
+	if n := testutil.ToFloat64(m.SaverErrors.WithLabelValues("nopackets")); n != maxQueued+2 {
+		t.Errorf("nopackets errors %v after the SYN, want %d", n, maxQueued+2)
+	}
+	d.Flush()
+	checkFiles(t, dir, c)
+}
