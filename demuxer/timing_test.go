@@ -140,3 +140,26 @@ func TestCaptureDurationByTimestamps(t *testing.T) {
 		t.Errorf("file has %d packets, want the 10 captured in its first 10 s", got)
 	}
 }
+
+// TestShutdownAppliesWaitingOpens: the Opens that wait in events when
+// packets is closed name their flows before the flows end (repeated: the
+// loop's select takes ready cases in random order). A closed events channel
+// is no end of the loop.
+func TestShutdownAppliesWaitingOpens(t *testing.T) {
+	v4 := readPackets(t, "v4.pcap")
+	for i := range 16 {
+		d, m, _ := manualDemuxer(t, nil)
+		d.Packet(v4[0]) // waits for its UUID
+		packets := make(chan *flow.Batch)
+		events := make(chan Open, 1)
+		events <- Open{Key: v4[0].Key, UUID: "u", Time: opened}
+		if i%2 == 1 {
+			close(events)
+		}
+		close(packets)
+		d.run(packets, events, ticks{})
+		if n := testutil.ToFloat64(m.FilesPublished); n != 1 {
+			t.Fatalf("%v files published, want the flow named by the waiting Open", n)
+		}
+	}
+}
