@@ -63,13 +63,9 @@ import (
 	"github.com/m-lab/packet-headers/saver"
 )
 
-// Open says that the flow Key is named UUID, as of Time (tcp-info's Open
-// event timestamp, which also dates the flow's file).
-type Open struct {
-	Key  flow.Key
-	UUID string
-	Time time.Time
-}
+// Open names a flow: the value either UUID source sends on the demuxer's
+// events channel.
+type Open = flow.Named
 
 // Defaults for the limits that have no flag of the original's.
 const (

@@ -10,7 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/flow"
 )
 
 // benchSocketsEnv sets the number of sockets of BenchmarkPoll; the issue's
@@ -68,7 +68,7 @@ func BenchmarkPoll(b *testing.B) {
 		conns = append(conns, <-accepted)
 	}
 
-	out := make(chan demuxer.Open, n+16)
+	out := make(chan flow.Named, n+16)
 	var s *Source
 	if err := ns.do(func() (err error) {
 		s, err = New(Config{PrefixFile: os.DevNull}, out)

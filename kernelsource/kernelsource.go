@@ -14,7 +14,7 @@
 // it would make unsafe file names: CheckPrefix). A file written
 // in standalone mode therefore carries the name a file written beside
 // tcp-info would carry. Unlike tcp-info, the daemon's Source polls only while
-// a captured flow waits for its UUID (Config.Needed).
+// a captured flow waits for its UUID (Config.Pending).
 //
 // It goes one step beyond tcp-info. A flow that ends within one poll is never
 // seen by a dump, and tcp-info never names it. The Source also subscribes to
@@ -27,7 +27,7 @@
 // warning once and polls only, as tcp-info does.
 //
 // It is a package of its own, beside tcpeventsocket, because it is a second
-// source of the same demuxer.Open events with nothing else in common with
+// source of the same flow.Named events with nothing else in common with
 // the eventsocket client: it speaks netlink to the kernel, not JSON to a
 // peer.
 package kernelsource
@@ -46,9 +46,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
-	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/metrics"
 	"github.com/m-lab/packet-headers/saver"
+
+	"github.com/m-lab/packet-headers/flow"
 )
 
 // DefaultInterval is tcp-info's polling interval (collector.Run).
@@ -104,27 +105,34 @@ type Config struct {
 	Metrics *metrics.Metrics
 	// Log is the logger; nil discards.
 	Log *slog.Logger
-	// Needed, if not nil, tells whether any flow is waiting for its UUID
-	// (the demuxer's HasPending). After each poll the Source asks it, and
-	// while nothing waits it stops polling until Wake receives: every
-	// flow the daemon captures is pending until it is named, so a host
-	// with thousands of established but quiet sockets is not dumped a
-	// hundred times a second for nothing. Destroy notifications are read
-	// all the time. Nil means polling every Interval, as tcp-info does.
-	Needed func() bool
-	// Wake receives when a flow starts waiting (the demuxer's
-	// PendingWake); used only with Needed.
-	Wake <-chan struct{}
+	// Pending, if not nil, tells whether any flow is waiting for its UUID
+	// (the demuxer implements it). After each poll the Source asks it,
+	// and while nothing waits it stops polling until PendingWake
+	// receives: every flow the daemon captures is pending until it is
+	// named, so a host with thousands of established but quiet sockets is
+	// not dumped a hundred times a second for nothing. Destroy
+	// notifications are read all the time. Nil means polling every
+	// Interval, as tcp-info does.
+	Pending Pending
 }
 
-// Source learns about TCP sockets from the kernel and sends one demuxer.Open
+// Pending is the signal "a captured flow waits for its UUID", which the
+// demuxer gives.
+type Pending interface {
+	// HasPending reports whether a flow waits for its UUID.
+	HasPending() bool
+	// PendingWake receives when a flow starts waiting.
+	PendingWake() <-chan struct{}
+}
+
+// Source learns about TCP sockets from the kernel and sends one flow.Named
 // for each socket tcp-info would name. Create it with New, then call Run
 // once: Run releases the netlink sockets New opened. Prefix is safe for
 // concurrent use; the rest belongs to Run's goroutine.
 type Source struct {
 	cfg     Config
 	prefix  string
-	out     chan<- demuxer.Open
+	out     chan<- flow.Named
 	dumper  *dumper
 	destroy int // the destroy notifications' socket; -1: polling only
 	// destroyBuf is the read buffer of destroy notifications.
@@ -144,7 +152,7 @@ type Source struct {
 	// dropped with old.
 	cur, old map[uint64]struct{}
 	swapped  time.Time
-	opens    []demuxer.Open // Opens found by the current poll
+	opens    []flow.Named // Opens found by the current poll
 	failLog  rateLog
 	lostLog  rateLog // lost or bad destroy notifications
 }
@@ -153,7 +161,7 @@ type Source struct {
 // and opens its netlink sockets in the network namespace of the calling
 // thread. It subscribes to socket-destroy notifications if it can; if not,
 // it logs a warning once and the Source polls only.
-func New(cfg Config, out chan<- demuxer.Open) (*Source, error) {
+func New(cfg Config, out chan<- flow.Named) (*Source, error) {
 	if out == nil {
 		return nil, errors.New("kernelsource: nil output channel")
 	}
@@ -163,9 +171,9 @@ func New(cfg Config, out chan<- demuxer.Open) (*Source, error) {
 	if cfg.Interval == 0 {
 		cfg.Interval = DefaultInterval
 	}
-	if cfg.Needed != nil && cfg.Wake == nil {
+	if cfg.Pending != nil && cfg.Pending.PendingWake() == nil {
 		// Polling would pause and never resume.
-		return nil, errors.New("kernelsource: Config.Needed without Config.Wake")
+		return nil, errors.New("kernelsource: Config.Pending without a wake channel")
 	}
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
@@ -292,7 +300,7 @@ func UUID(prefix string, cookie uint64) string {
 	return b.String()
 }
 
-// Run dumps the sockets every Interval (with Config.Needed, only while it
+// Run dumps the sockets every Interval (with Config.Pending, only while it
 // is true) and sends an Open for each new socket to be named, and one for
 // each socket destroyed without having been seen, until ctx is done; then it
 // returns nil. A failed dump is logged (at most
@@ -320,7 +328,7 @@ func (s *Source) Run(ctx context.Context) error {
 	// the daemon's CPU in the churn benchmark. The kernel queues them in
 	// the socket's buffer meanwhile.
 	//
-	// With Config.Needed, polling pauses while no flow waits for a UUID
+	// With Config.Pending, polling pauses while no flow waits for a UUID
 	// and resumes at once when one does. The notifications are also read
 	// every idleDrain, whether polling or not, so that the buffer does not
 	// overflow with notifications of sockets nobody waits for, and so
@@ -329,7 +337,7 @@ func (s *Source) Run(ctx context.Context) error {
 	defer pollTimer.Stop()
 	var pollC <-chan time.Time
 	schedule := func(took time.Duration) {
-		if s.cfg.Needed == nil || s.cfg.Needed() {
+		if s.cfg.Pending == nil || s.cfg.Pending.HasPending() {
 			pollTimer.Reset(s.pollWait(took))
 			pollC = pollTimer.C
 		} else {
@@ -338,6 +346,10 @@ func (s *Source) Run(ctx context.Context) error {
 		}
 	}
 	schedule(s.poll(ctx))
+	var wake <-chan struct{}
+	if s.cfg.Pending != nil {
+		wake = s.cfg.Pending.PendingWake()
+	}
 	drain := time.NewTicker(idleDrain)
 	defer drain.Stop()
 	for {
@@ -347,7 +359,7 @@ func (s *Source) Run(ctx context.Context) error {
 			return nil
 		case <-pollC:
 			schedule(s.poll(ctx))
-		case <-s.cfg.Wake:
+		case <-wake:
 			if pollC == nil {
 				schedule(s.poll(ctx))
 			}
@@ -365,7 +377,7 @@ const finalPollLimit = time.Second
 // knows is saved even when it began within the last poll interval. The
 // daemon's demuxer reads out until the source has returned.
 func (s *Source) finalPoll(ctx context.Context) {
-	if s.cfg.Needed == nil || !s.cfg.Needed() {
+	if s.cfg.Pending == nil || !s.cfg.Pending.HasPending() {
 		return
 	}
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finalPollLimit)
@@ -435,7 +447,7 @@ func (s *Source) consider(m sockMsg) {
 	if excluded(&m) {
 		return
 	}
-	s.opens = append(s.opens, demuxer.Open{Key: m.key(), UUID: UUID(s.prefix, m.cookie)})
+	s.opens = append(s.opens, flow.Named{Key: m.key(), UUID: UUID(s.prefix, m.cookie)})
 }
 
 // destroyedSock is a socket-destroy notification.
@@ -458,11 +470,11 @@ func (s *Source) destroyed(ctx context.Context, d destroyedSock) {
 	if excluded(&d.m) {
 		return
 	}
-	s.send(ctx, demuxer.Open{Key: d.m.key(), UUID: UUID(s.prefix, d.m.cookie), Time: d.at})
+	s.send(ctx, flow.Named{Key: d.m.key(), UUID: UUID(s.prefix, d.m.cookie), Time: d.at})
 }
 
 // send sends o to the demuxer, or gives up when ctx is done.
-func (s *Source) send(ctx context.Context, o demuxer.Open) bool {
+func (s *Source) send(ctx context.Context, o flow.Named) bool {
 	select {
 	case s.out <- o:
 		s.issued.Inc()

@@ -21,7 +21,6 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/sys/unix"
 
-	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/flow"
 	"github.com/m-lab/packet-headers/metrics"
 )
@@ -52,8 +51,8 @@ type harness struct {
 	s      *Source
 	m      *metrics.Metrics
 	logs   *syncBuffer
-	out    chan demuxer.Open
-	seen   map[string][]demuxer.Open // by UUID
+	out    chan flow.Named
+	seen   map[string][]flow.Named // by UUID
 	cancel context.CancelFunc
 	done   chan error
 }
@@ -67,8 +66,8 @@ func newHarness(t *testing.T, ns *testNetns, cfg Config, setup func() error) *ha
 	h := &harness{
 		m:    metrics.New(prometheus.NewRegistry()),
 		logs: &syncBuffer{},
-		out:  make(chan demuxer.Open), // unbuffered: sends block until read
-		seen: make(map[string][]demuxer.Open),
+		out:  make(chan flow.Named), // unbuffered: sends block until read
+		seen: make(map[string][]flow.Named),
 		done: make(chan error, 1),
 	}
 	cfg.Metrics = h.m
@@ -149,7 +148,7 @@ func (h *harness) take(d time.Duration) {
 }
 
 // waitOpen waits for the Open of uuid and returns it.
-func (h *harness) waitOpen(t *testing.T, uuid string) demuxer.Open {
+func (h *harness) waitOpen(t *testing.T, uuid string) flow.Named {
 	t.Helper()
 	deadline := time.Now().Add(waitTimeout)
 	for len(h.seen[uuid]) == 0 {
@@ -197,7 +196,7 @@ func connect(t *testing.T, ns *testNetns, l net.Listener, local, remote string) 
 }
 
 // checkOpen checks that o names the flow key at a time in [after, now].
-func checkOpen(t *testing.T, o demuxer.Open, key flow.Key, after time.Time) {
+func checkOpen(t *testing.T, o flow.Named, key flow.Key, after time.Time) {
 	t.Helper()
 	if o.Key != key {
 		t.Errorf("Open %s has key %v, want %v", o.UUID, o.Key, key)
@@ -448,7 +447,7 @@ func TestRunTwice(t *testing.T) {
 	ns := newNetns(t)
 	var s *Source
 	if err := ns.do(func() (err error) {
-		s, err = New(Config{PrefixFile: os.DevNull}, make(chan demuxer.Open))
+		s, err = New(Config{PrefixFile: os.DevNull}, make(chan flow.Named))
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -471,7 +470,7 @@ func TestFailedDumpsAreRetried(t *testing.T) {
 	var s *Source
 	if err := ns.do(func() (err error) {
 		s, err = New(Config{PrefixFile: os.DevNull, Interval: time.Millisecond, Metrics: m,
-			Log: slog.New(slog.NewTextHandler(logs, nil))}, make(chan demuxer.Open))
+			Log: slog.New(slog.NewTextHandler(logs, nil))}, make(chan flow.Named))
 		return err
 	}); err != nil {
 		t.Fatal(err)

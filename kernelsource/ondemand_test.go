@@ -5,18 +5,28 @@ import (
 	"testing"
 	"time"
 
-	"github.com/m-lab/packet-headers/demuxer"
+	"github.com/m-lab/packet-headers/flow"
 )
 
-// TestPollsOnlyWhileNeeded: with Config.Needed, the Source dumps once at
-// start and then only while Needed is true, resuming when Wake receives; a
+// fakePending is the demuxer's side of Config.Pending.
+type fakePending struct {
+	needed atomic.Bool
+	wake   chan struct{}
+}
+
+func (f *fakePending) HasPending() bool             { return f.needed.Load() }
+func (f *fakePending) PendingWake() <-chan struct{} { return f.wake }
+
+// TestPollsOnlyWhileNeeded: with Config.Pending, the Source dumps once at
+// start and then only while a flow is pending, resuming when PendingWake
+// receives; a
 // socket opened while it is paused is named by the first poll after the
 // wake.
 func TestPollsOnlyWhileNeeded(t *testing.T) {
 	ns := newNetns(t)
-	var needed atomic.Bool
-	wake := make(chan struct{}, 1)
-	h := newHarness(t, ns, Config{Needed: needed.Load, Wake: wake}, nil)
+	p := &fakePending{wake: make(chan struct{}, 1)}
+	needed, wake := &p.needed, p.wake
+	h := newHarness(t, ns, Config{Pending: p}, nil)
 	h.waitPolls(t, 1) // the dump at start
 	// Paused: at a 10 ms interval, 300 ms would hold about 30 dumps.
 	before := h.polls(t)
@@ -46,9 +56,10 @@ func TestPollsOnlyWhileNeeded(t *testing.T) {
 	}
 }
 
-// TestNeededWithoutWakeRefused: polling that could pause could never resume.
-func TestNeededWithoutWakeRefused(t *testing.T) {
-	if _, err := New(Config{Needed: func() bool { return false }}, make(chan demuxer.Open)); err == nil {
-		t.Error("New accepted Needed without Wake")
+// TestPendingWithoutWakeRefused: polling that could pause could never
+// resume.
+func TestPendingWithoutWakeRefused(t *testing.T) {
+	if _, err := New(Config{Pending: &fakePending{}}, make(chan flow.Named)); err == nil {
+		t.Error("New accepted a Pending without a wake channel")
 	}
 }

@@ -13,8 +13,9 @@ import (
 
 	"github.com/m-lab/uuid"
 
-	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/saver"
+
+	"github.com/m-lab/packet-headers/flow"
 )
 
 func TestUUID(t *testing.T) {
@@ -139,7 +140,7 @@ func TestPrefixFileMatchesMLabUUID(t *testing.T) {
 
 func TestNewMissingPrefixFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "no-such-prefix")
-	s, err := New(Config{PrefixFile: path}, make(chan demuxer.Open))
+	s, err := New(Config{PrefixFile: path}, make(chan flow.Named))
 	if err == nil {
 		s.Run(canceled())
 		t.Fatal("New with a missing prefix file succeeded")
@@ -211,7 +212,7 @@ func TestNewRefusesBadPrefix(t *testing.T) {
 			if _, err := ReadPrefix(path); err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Errorf("ReadPrefix: %v, want an error containing %q", err, tt.want)
 			}
-			s, err := New(Config{PrefixFile: path}, make(chan demuxer.Open))
+			s, err := New(Config{PrefixFile: path}, make(chan flow.Named))
 			if err == nil {
 				s.Run(canceled())
 				t.Fatalf("New with prefix %q succeeded", tt.content)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/m-lab/packet-headers/flow"
 	"github.com/m-lab/packet-headers/metrics"
 )
 
@@ -47,6 +48,18 @@ type Handler interface {
 	// nothing is read from the socket, and tcp-info writes to its clients
 	// while holding a lock, so a slow handler ends up stalling tcp-info.
 	Event(ev Event)
+}
+
+// Opens is the Handler that sends the name of each flow tcp-info opens to
+// the channel (the demuxer's), blocking while it is full; other events are
+// dropped. The demuxer reads the channel until the Client has returned.
+type Opens chan<- flow.Named
+
+// Event implements Handler.
+func (o Opens) Event(ev Event) {
+	if ev.Kind == Open {
+		o <- flow.Named{Key: ev.Key, UUID: ev.UUID, Time: ev.Time}
+	}
 }
 
 // Client reads events from tcp-info's eventsocket and passes them to a

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"path/filepath"
 	"runtime"
 	"strings"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/m-lab/tcp-info/eventsocket"
 
+	"github.com/m-lab/packet-headers/flow"
 	"github.com/m-lab/packet-headers/metrics"
 )
 
@@ -511,4 +513,21 @@ func TestClientDeliversEventsWrittenBeforeStop(t *testing.T) {
 	send(t, c, lines)
 	tc.stop(t)
 	tc.expectUUIDs(t, want...)
+}
+
+// TestOpensHandler: the daemon's handler sends each Open's flow name and
+// drops the other events.
+func TestOpensHandler(t *testing.T) {
+	out := make(chan flow.Named, 2)
+	h := Opens(out)
+	k := flow.KeyFromAddrPorts(netip.MustParseAddrPort("198.18.0.1:443"), netip.MustParseAddrPort("198.18.0.2:5000"))
+	at := time.Date(2024, 11, 18, 12, 0, 0, 0, time.UTC)
+	h.Event(Event{Kind: Close, UUID: "gone", Key: k, Time: at})
+	h.Event(Event{Kind: Open, UUID: "u1", Key: k, Time: at})
+	if len(out) != 1 {
+		t.Fatalf("%d names sent, want 1 (the Open)", len(out))
+	}
+	if got := <-out; got != (flow.Named{Key: k, UUID: "u1", Time: at}) {
+		t.Errorf("sent %+v", got)
+	}
 }

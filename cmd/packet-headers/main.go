@@ -111,7 +111,7 @@ type daemon struct {
 	captures *capture.Manager
 	demux    *demuxer.Demuxer
 	packets  chan *flow.Batch
-	events   chan demuxer.Open
+	events   chan flow.Named
 	source   uuidSource
 	// notifySocket is systemd's NOTIFY_SOCKET, or empty.
 	notifySocket string
@@ -163,7 +163,7 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 		anon = d.anon
 	}
 	d.packets = make(chan *flow.Batch, 256)
-	d.events = make(chan demuxer.Open, 1024)
+	d.events = make(chan flow.Named, 1024)
 	d.demux = demuxer.New(demuxer.Config{
 		FlowTimeout: cfg.FlowTimeout,
 		UUIDWait:    cfg.UUIDWait,
@@ -212,7 +212,7 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 
 func (d *daemon) newUUIDSource() (uuidSource, error) {
 	if d.cfg.EventSocket != "" {
-		c := tcpeventsocket.New(d.cfg.EventSocket, eventHandler{d.events}, d.m, d.log)
+		c := tcpeventsocket.New(d.cfg.EventSocket, tcpeventsocket.Opens(d.events), d.m, d.log)
 		c.SkipClose = true // flows end by going idle or by -captureduration
 		return c, nil
 	}
@@ -223,27 +223,13 @@ func (d *daemon) newUUIDSource() (uuidSource, error) {
 		Log:        d.log,
 		// Dump the sockets only while a captured flow waits for its
 		// UUID.
-		Needed: d.demux.HasPending,
-		Wake:   d.demux.PendingWake(),
+		Pending: d.demux,
 	}, d.events)
 	if err != nil {
 		return nil, fmt.Errorf("-uuid-prefix-file=%s: %w", d.cfg.UUIDPrefixFile, err)
 	}
 	d.log.Info("standalone: UUIDs from the kernel", "prefix", src.Prefix(), "destroy_notifications", src.NotifiesDestroy())
 	return src, nil
-}
-
-// eventHandler passes tcp-info's Open events to the demuxer. It may block
-// on a full channel: the demuxer reads events until the UUID source has
-// stopped (see daemon.run).
-type eventHandler struct {
-	out chan<- demuxer.Open
-}
-
-func (h eventHandler) Event(ev tcpeventsocket.Event) {
-	if ev.Kind == tcpeventsocket.Open {
-		h.out <- demuxer.Open{Key: ev.Key, UUID: ev.UUID, Time: ev.Time}
-	}
 }
 
 // logKey formats a flow for logs, anonymized like the files.
