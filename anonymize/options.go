@@ -1,5 +1,7 @@
 package anonymize
 
+import "bytes"
+
 // IPv4 option types (RFC 791, and IANA's registry) that Packet keeps or
 // anonymizes; the data of every other option is cleared.
 const (
@@ -310,6 +312,9 @@ func (s localSet) tcpOptions(data []byte, l4, minL4 int) (uint32, bool) {
 		return 0, false // no options (or a data offset under 5)
 	}
 	opts := data[l4+20 : min(l4+doff, len(data))]
+	if bytes.IndexByte(opts, tcpOptMPTCP) < 0 {
+		return 0, false // no MPTCP option, as nearly always
+	}
 	var old [40]byte
 	changed := false
 	for i := 0; i < len(opts); {
