@@ -175,6 +175,7 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 			CaptureDuration: cfg.CaptureDuration,
 			Stream:          cfg.Stream,
 			Level:           cfg.GzipLevel,
+			Sync:            cfg.Fsync,
 			Anon:            anon,
 			Metrics:         d.m,
 			Log:             log,
