@@ -85,6 +85,10 @@ type Config struct {
 	Timeout time.Duration
 	Metrics *metrics.Metrics
 	Log     *slog.Logger
+
+	// drops is the kernel drop counter of every socket opened with this
+	// Config, for KernelDropsSince.
+	drops dropLog
 }
 
 func (cfg *Config) timeout() time.Duration {
@@ -501,6 +505,7 @@ func (c *Interface) readStats() {
 	}
 	c.totalDrops += d
 	c.drops.Set(float64(c.totalDrops))
+	c.cfg.drops.add(d, time.Now().UnixNano())
 	if n, ok := c.interfaceDrops(); ok && n >= c.ifdrop0 {
 		c.ifdrops.Set(float64(n - c.ifdrop0))
 	}
