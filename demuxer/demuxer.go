@@ -143,6 +143,9 @@ type entry struct {
 	// pending is true while the flow waits for its UUID (it is counted in
 	// npending and referenced by the FIFO).
 	pending bool
+	// missed counts the packets of the flow dropped while it waited for
+	// its UUID, beyond the pending limits: its file's record says so.
+	missed uint32
 	// x is the state of a reused 4-tuple; nil for almost every flow.
 	x *reuse
 }
@@ -450,6 +453,7 @@ func (d *Demuxer) Packet(p flow.Packet) {
 	}
 	if e.npending() >= d.cfg.PendingPackets || d.npkts >= d.cfg.MaxPendingPackets {
 		d.missedPending.Inc()
+		e.missed++
 		return
 	}
 	e.hold(p)
@@ -707,6 +711,8 @@ func (d *Demuxer) nameEarlier(e *entry, ev Open) bool {
 
 func (d *Demuxer) startSaver(e *entry, ev Open) {
 	e.saver = saver.New(d.cfg.Saver, ev.UUID, ev.Time, flowLog{ev.Key, d.cfg.LogKey})
+	e.saver.MissedPending(uint64(e.missed))
+	e.missed = 0 // the entry may serve a later connection on its 4-tuple
 	d.wg.Go(e.saver.Run)
 }
 

@@ -47,6 +47,8 @@ type Metrics struct {
 	UUIDSourceSockets   prometheus.Counter
 	UUIDSourceIssued    prometheus.Counter
 	UUIDSourcePoll      prometheus.Histogram
+	FileKernelDrops     prometheus.Histogram
+	FilesIncomplete     *prometheus.CounterVec // {reason}
 }
 
 // New creates all metrics and registers them on reg.
@@ -180,5 +182,14 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help:    "Duration of one kernel socket dump by the built-in UUID source.",
 			Buckets: prometheus.ExponentialBuckets(1e-5, 2, 16), // 10 µs to about 0.3 s
 		}),
+		FileKernelDrops: f.NewHistogram(prometheus.HistogramOpts{
+			Name:    "pcap_saver_file_kernel_drops",
+			Help:    "kernel_drops of each file published: packets the kernel dropped on the capture sockets between the flow's first packet and the file's publication (an upper bound of what the flow lost; per socket, not per flow).",
+			Buckets: []float64{0, 1, 10, 100, 1e3, 1e4, 1e5, 1e6},
+		}),
+		FilesIncomplete: f.NewCounterVec(prometheus.CounterOpts{
+			Name: "pcap_saver_files_incomplete_total",
+			Help: "Files published without the whole flow, by reason, as their capture record says (truncated, pending, backlog, kerneldrops, nosyn, nofinrst); a file counts once for each of its reasons.",
+		}, []string{"reason"}),
 	}
 }

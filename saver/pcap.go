@@ -73,8 +73,13 @@ var scratches = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 // The gzip member is written by hand around the deflate stream: a header,
 // the deflate blocks of each chunk (each chunk ends with a sync flush, so a
 // chunk's blocks end on a byte boundary and the next compressor continues the
-// stream), and the CRC-32 and length trailer. The output depends only on the
-// records, so streaming and buffered modes produce identical bytes.
+// stream), and the CRC-32 and length trailer. The header, which carries the
+// capture record, is written with the first compressed chunk: if that is
+// the last (the whole flow fits in one chunk, as most do), it is the final
+// header, given to close; if not, it is the one reserve returns, whose
+// comment reserves room for the record, which the saver fills in at the end.
+// The output depends only on the records (and the saver's header), so
+// streaming and buffered modes produce identical bytes.
 //
 // A pcapWriter is not safe for concurrent use.
 type pcapWriter struct {
@@ -86,6 +91,12 @@ type pcapWriter struct {
 	size    uint32 // uncompressed length mod 2^32, as gzip's ISIZE
 	out     *countingWriter
 	records int
+	// head is the gzip header as written (nil until the first chunk is).
+	// reserve returns the header to write when a chunk is written before
+	// close; final is the one close writes.
+	head    []byte
+	reserve func() []byte
+	final   []byte
 }
 
 // countingWriter counts the bytes written through it and remembers the first
@@ -108,16 +119,12 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// gzipHeader is a gzip member header: deflate, no flags, no time, OS Unix.
-var gzipHeader = [10]byte{0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3}
-
-// newPCAPWriter starts a pcap stream with the given snaplen.
-func newPCAPWriter(out io.Writer, snaplen, level int) (*pcapWriter, error) {
+// newPCAPWriter starts a pcap stream with the given snaplen. reserve returns
+// the gzip header to write if a chunk must be written before close (see
+// pcapWriter). Nothing is written to out until then.
+func newPCAPWriter(out io.Writer, snaplen, level int, reserve func() []byte) *pcapWriter {
 	cw := &countingWriter{w: out}
-	if _, err := cw.Write(gzipHeader[:]); err != nil {
-		return nil, err
-	}
-	w := &pcapWriter{snaplen: snaplen, level: level, out: cw, chunk: make([]byte, 0, 1024)}
+	w := &pcapWriter{snaplen: snaplen, level: level, out: cw, chunk: make([]byte, 0, 1024), reserve: reserve}
 	var h [fileHeaderLen]byte
 	binary.LittleEndian.PutUint32(h[0:], pcapMagicNanos)
 	binary.LittleEndian.PutUint16(h[4:], pcapVersionMajor)
@@ -126,7 +133,7 @@ func newPCAPWriter(out io.Writer, snaplen, level int) (*pcapWriter, error) {
 	binary.LittleEndian.PutUint32(h[16:], uint32(snaplen))
 	binary.LittleEndian.PutUint32(h[20:], linkTypeEthernet)
 	w.chunk = append(w.chunk, h[:]...)
-	return w, nil
+	return w
 }
 
 // write appends one record. data is cut at the snaplen; origLen is the
@@ -171,6 +178,9 @@ func (w *pcapWriter) flush() error {
 	fw.Reset(io.Discard) // let go of the buffer and the dictionary
 	deflaters[w.level].Put(fw)
 	if err == nil {
+		err = w.writeHead()
+	}
+	if err == nil {
 		_, err = w.out.Write(scratch.Bytes())
 	}
 	scratches.Put(scratch)
@@ -189,13 +199,32 @@ func (w *pcapWriter) flush() error {
 	return w.out.err
 }
 
+// writeHead writes the gzip header before the first compressed chunk.
+func (w *pcapWriter) writeHead() error {
+	if w.head != nil {
+		return nil
+	}
+	h := w.final
+	if h == nil {
+		h = w.reserve()
+	}
+	w.head = h
+	_, err := w.out.Write(h)
+	return err
+}
+
 // finalBlock is an empty final deflate block (fixed Huffman, end of block):
 // it ends the deflate stream after the last sync-flushed chunk.
 var finalBlock = [2]byte{0x03, 0x00}
 
-// close flushes the rest and ends the gzip member. It does not close out.
-func (w *pcapWriter) close() error {
+// close flushes the rest and ends the gzip member; final is the gzip header
+// if none was written yet. It does not close out.
+func (w *pcapWriter) close(final []byte) error {
+	w.final = final
 	if err := w.flush(); err != nil {
+		return err
+	}
+	if err := w.writeHead(); err != nil {
 		return err
 	}
 	var trailer [10]byte

@@ -56,7 +56,7 @@ func makeDirs(root, rel string) error {
 // uploader, which watches the tree and also sweeps old files (a hidden
 // temporary name would not survive that sweep).
 func createHidden(dir string) (*os.File, error) {
-	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, fileMode)
+	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, fileMode)
 	if err != nil {
 		return nil, &os.PathError{Op: "open O_TMPFILE", Path: dir, Err: err}
 	}

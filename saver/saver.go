@@ -6,6 +6,9 @@
 // <Dir>/YYYY/MM/DD/<UUID>.pcap.gz, and publishes the file atomically: the file
 // is written unnamed (O_TMPFILE) and linked under its final name only once
 // complete, never replacing an existing file.
+//
+// Each file carries a record of its own capture (Record) in its gzip header,
+// where no reader of the pcap stream sees it.
 package saver
 
 import (
@@ -69,6 +72,23 @@ type Config struct {
 	Metrics *metrics.Metrics
 	Log     *slog.Logger
 
+	// The daemon's part of each file's capture record (see Record):
+	// Version ("v1.2.3+abc1234"), Source ("tcpinfo" or "standalone"),
+	// Anonymization ("none" or "netblock") and the capture's Interfaces
+	// (["any"], or the -interface names).
+	Version       string
+	Source        string
+	Anonymization string
+	Interfaces    []string
+	// Drops, if not nil, is the capture's kernel drop counter, for the
+	// record's kernel_drops (null without it). *capture.Config implements
+	// it.
+	Drops DropCounter
+
+	// noRecord writes files without a capture record, as they were before
+	// it: tests and benchmarks compare the two.
+	noRecord bool
+
 	// syncedDir is the date directory whose parents were last synced
 	// (syncParents), so that they are synced once, not for every file.
 	syncedDir atomic.Pointer[string]
@@ -78,6 +98,17 @@ type Config struct {
 	gauges  [numStates]prometheus.Gauge
 	errs    [numStates]prometheus.Counter
 	lastLog atomic.Int64 // unix ns of the last rate-limited error log
+	// incomplete are pcap_saver_files_incomplete_total's series, in the
+	// order of IncompleteReasons.
+	incomplete []prometheus.Counter
+}
+
+// DropCounter is the capture's kernel drop counter.
+type DropCounter interface {
+	// KernelDropsSince returns how many packets the kernel dropped on the
+	// capture sockets since t (Unix ns), as far as the daemon has read its
+	// counters.
+	KernelDropsSince(t int64) uint64
 }
 
 // Init resolves the labelled metrics once, so that the per-packet path never
@@ -101,6 +132,9 @@ func (c *Config) Init() {
 			if r, ok := errorReasons[s]; ok {
 				c.errs[s] = c.Metrics.SaverErrors.WithLabelValues(r)
 			}
+		}
+		for _, r := range IncompleteReasons {
+			c.incomplete = append(c.incomplete, c.Metrics.FilesIncomplete.WithLabelValues(r))
 		}
 	})
 }
@@ -145,6 +179,12 @@ type Saver struct {
 	state      atomic.Int32
 	discarding atomic.Bool // nothing more will be saved; Push drops silently
 
+	// missedBacklog counts the packets Queue dropped on a full backlog
+	// (under mu).
+	missedBacklog uint64
+	// missedPending is set by MissedPending before Run.
+	missedPending uint64
+
 	// Owned by Run.
 	spare   []flow.Packet
 	w       *pcapWriter
@@ -154,7 +194,26 @@ type Saver struct {
 	timer   *time.Timer
 	timerC  <-chan time.Time
 	dirPath string
+	// What the record says of the flow (Run's).
+	last      int64    // timestamp of the last packet written
+	reserved  int      // the room reserved for the record in the header written early, or 0
+	missedCut uint64   // packets past the capture duration dropped before publication
+	cut       bool     // a packet past the capture duration came
+	syn, rst  bool     // a SYN (or SYN-ACK), a RST was written
+	fin       [2]bool  // a FIN was written from the first packet's sender, from the other side
+	src       [16]byte // the first packet's source address and port, to tell FINs apart
+	srcLen    uint8
+	srcPort   uint16
 }
+
+// ending is what ends a file.
+type ending int
+
+const (
+	endClose ending = iota // the flow ended (Close)
+	endCut                 // a packet past the capture duration came
+	endTimer               // the capture duration's timer fired
+)
 
 // New creates the saver of the flow named uuid, whose Open event has the
 // timestamp opened (it dates the file's directory); flow, if not nil,
@@ -178,6 +237,11 @@ func New(cfg *Config, uuid string, opened time.Time, flow slog.LogValuer) *Saver
 type noFlow struct{}
 
 func (noFlow) LogValue() slog.Value { return slog.StringValue("") }
+
+// MissedPending records that n packets of the flow were dropped while it
+// waited for its UUID (the demuxer's pending limits), for the capture
+// record. It must be called before Run.
+func (s *Saver) MissedPending(n uint64) { s.missedPending = n }
 
 // UUID returns the flow's UUID.
 func (s *Saver) UUID() string { return s.uuid }
@@ -219,6 +283,9 @@ func (s *Saver) Queue(p flow.Packet) (wake bool) {
 	}
 	s.mu.Lock()
 	if s.closed || len(s.queue) >= s.cfg.MaxBacklog {
+		if !s.closed {
+			s.missedBacklog++
+		}
 		s.mu.Unlock()
 		s.cfg.missed[s.State()].Inc()
 		return false
@@ -275,14 +342,23 @@ func (s *Saver) Run() {
 		case <-s.wake:
 		case <-s.timerC:
 			s.timerC = nil
-			s.finish()
+			s.finish(endTimer)
 		}
 		batch, closed := s.take()
 		for i := range batch {
 			if s.discarding.Load() {
 				break
 			}
-			s.add(&batch[i])
+			p := &batch[i]
+			if s.w != nil && p.Time-s.first >= int64(s.cfg.CaptureDuration) {
+				// This packet and those after it are past the
+				// capture duration.
+				s.cut = true
+				s.missedCut += uint64(len(batch) - i)
+				s.finish(endCut)
+				break
+			}
+			s.add(p)
 		}
 		// Drop the references to the packets' bytes before keeping the
 		// slice for reuse. The two slices ping-pong between Push and Run,
@@ -293,7 +369,7 @@ func (s *Saver) Run() {
 			s.spare = batch[:0]
 		}
 		if closed {
-			s.finish()
+			s.finish(endClose)
 			s.exit(true)
 			return
 		}
@@ -327,16 +403,19 @@ func (s *Saver) add(p *flow.Packet) {
 			return
 		}
 	}
-	if p.Time-s.first >= int64(s.cfg.CaptureDuration) {
-		s.finish()
-		return
+	// Flags, before the anonymizer rewrites the addresses that tell the
+	// directions apart.
+	if fl := tcpFlags(p); fl&(tcpSYN|tcpFIN|tcpRST) != 0 {
+		s.flags(p, fl)
 	}
 	if s.cfg.Anon != nil {
 		s.cfg.Anon.Packet(p.Data, int(p.L3), int(p.L4), p.IPv6)
 	}
 	if err := s.w.write(p.Time, int(p.Len), p.Data); err != nil {
 		s.fail(WriteError, "write pcap file", err)
+		return
 	}
+	s.last = p.Time
 }
 
 // start begins the file at the flow's first packet, which sets the snaplen.
@@ -355,12 +434,8 @@ func (s *Saver) start(p *flow.Packet) error {
 		s.buf = new(bytes.Buffer)
 		out = s.buf
 	}
-	w, err := newPCAPWriter(out, int(p.L4)+maxTCPHeader, s.cfg.Level)
-	if err != nil {
-		s.fail(WriteError, "start pcap file", err)
-		return err
-	}
-	s.w = w
+	s.srcLen, s.srcPort = source(p, &s.src)
+	s.w = newPCAPWriter(out, int(p.L4)+maxTCPHeader, s.cfg.Level, s.reserveHeader)
 	s.setState(Streaming)
 	// The capture duration is also enforced by the clock, so that a flow
 	// that goes quiet is published on time rather than when it is
@@ -391,7 +466,7 @@ func (s *Saver) open() (*os.File, error) {
 }
 
 // finish ends the file and publishes it, once.
-func (s *Saver) finish() {
+func (s *Saver) finish(why ending) {
 	if s.discarding.Swap(true) {
 		return
 	}
@@ -399,7 +474,8 @@ func (s *Saver) finish() {
 		s.fail(NoPacketsError, "flow ended without packets", nil)
 		return
 	}
-	if err := s.w.close(); err != nil {
+	rec, err := s.endHeader(why)
+	if err != nil {
 		s.fail(WriteError, "finish pcap file", err)
 		return
 	}
@@ -439,7 +515,7 @@ func (s *Saver) finish() {
 			return
 		}
 	}
-	err := s.file.Close()
+	err = s.file.Close()
 	s.file = nil
 	if err != nil {
 		// The file is published under its name but its last bytes may not
@@ -451,6 +527,7 @@ func (s *Saver) finish() {
 	m.FilesPublished.Inc()
 	m.BytesWritten.Add(float64(s.w.out.n))
 	m.PacketsSaved.Add(float64(s.w.records))
+	s.cfg.countRecord(rec)
 	s.setState(Discarding)
 	s.cfg.Log.Debug("published", "uuid", s.uuid, "flow", s.flow, "path", path, "packets", s.w.records, "bytes", s.w.out.n)
 }
