@@ -44,9 +44,12 @@ func main() {
 // shutdown, 1 on a runtime failure, 2 on bad flags or settings. env looks up
 // environment variables (os.LookupEnv).
 func run(ctx context.Context, args []string, env func(string) (string, bool), stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "inspect" {
+		return runInspect(args[1:], stdout, stderr)
+	}
 	cfg, err := parseConfig(args, io.Discard, env)
 	if errors.Is(err, flag.ErrHelp) {
-		fmt.Fprintln(stdout, "Usage of packet-headers:")
+		fmt.Fprintln(stdout, "Usage of packet-headers (packet-headers inspect -help: read the files' capture records):")
 		fs := newFlagSet(new(Config), stdout)
 		fs.PrintDefaults()
 		return 0
@@ -164,26 +167,6 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 	}
 	d.packets = make(chan *flow.Batch, 256)
 	d.events = make(chan flow.Named, 1024)
-	d.demux = demuxer.New(demuxer.Config{
-		FlowTimeout: cfg.FlowTimeout,
-		UUIDWait:    cfg.UUIDWait,
-		MaxFlows:    cfg.MaxFlows,
-		MaxPending:  cfg.MaxPending,
-		MaxHeap:     uint64(cfg.MaxHeap),
-		Saver: &saver.Config{
-			Dir:             dir,
-			CaptureDuration: cfg.CaptureDuration,
-			Stream:          cfg.Stream,
-			Level:           cfg.GzipLevel,
-			Sync:            cfg.Fsync,
-			Anon:            anon,
-			Metrics:         d.m,
-			Log:             log,
-		},
-		Metrics: d.m,
-		Log:     log,
-		LogKey:  d.logKey,
-	})
 	capCfg := &capture.Config{
 		Snaplen:    cfg.MaxHeaderSize,
 		BufferSize: int(cfg.CaptureBuffer),
@@ -191,6 +174,17 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 		Metrics:    d.m,
 		Log:        log,
 	}
+	d.demux = demuxer.New(demuxer.Config{
+		FlowTimeout: cfg.FlowTimeout,
+		UUIDWait:    cfg.UUIDWait,
+		MaxFlows:    cfg.MaxFlows,
+		MaxPending:  cfg.MaxPending,
+		MaxHeap:     uint64(cfg.MaxHeap),
+		Saver:       saverConfig(cfg, dir, anon, capCfg, d.m, log),
+		Metrics:     d.m,
+		Log:         log,
+		LogKey:      d.logKey,
+	})
 	d.source, err = d.newUUIDSource()
 	if err != nil {
 		return nil, err
