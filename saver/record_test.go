@@ -728,49 +728,130 @@ func ExampleRecord() {
 }
 
 // BenchmarkSmallFiles publishes small flows (35 packets of large-ndt.pcap,
-// about 1.2 KB compressed) one after another, with and without the capture
-// record, and reports the time and the bytes per file: what the record costs
-// (a JSON line, a longer header) beside the rest of a file's life. Run it on
-// the data directory's file system (see BenchmarkPublish):
+// about 1.2 KB compressed), each iteration one file with the capture record
+// and one without, in alternating order so that both see the same load, and
+// reports the wall time and the bytes per file of each: what the record
+// costs (a JSON line, a longer header) beside the rest of a file's life.
+// Run it on the data directory's file system (see BenchmarkPublish):
 //
 //	go test -run '^$' -bench BenchmarkSmallFiles -count 5 ./saver -publishdir /var/tmp
 func BenchmarkSmallFiles(b *testing.B) {
 	pkts := readPackets(b, "large-ndt.pcap")[:35]
 	for _, stream := range []bool{false, true} {
-		for _, noRecord := range []bool{true, false} {
-			name := map[bool]string{false: "buffered", true: "stream"}[stream] + map[bool]string{false: "/record", true: "/norecord"}[noRecord]
-			b.Run(name, func(b *testing.B) {
-				root, err := os.MkdirTemp(*publishDir, "packet-headers-bench-")
-				if err != nil {
-					b.Fatal(err)
+		b.Run(map[bool]string{false: "buffered", true: "stream"}[stream], func(b *testing.B) {
+			root, err := os.MkdirTemp(*publishDir, "packet-headers-bench-")
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer func() {
+				if err := os.RemoveAll(root); err != nil {
+					b.Error(err)
 				}
-				defer func() {
-					if err := os.RemoveAll(root); err != nil {
-						b.Error(err)
-					}
-				}()
-				cfg := &Config{
-					Dir: root, CaptureDuration: time.Hour, Stream: stream, noRecord: noRecord,
+			}()
+			var cfgs [2]*Config // with the record, without
+			for v := range cfgs {
+				cfgs[v] = &Config{
+					Dir: root, CaptureDuration: time.Hour, Stream: stream, noRecord: v == 1,
 					Metrics: metrics.New(prometheus.NewRegistry()),
 					Version: "v1.2.3+abc1234", Source: "tcpinfo", Anonymization: "netblock", Interfaces: []string{"any"},
 					Drops: &fakeDrops{},
 				}
-				b.ReportAllocs()
-				b.ResetTimer()
-				for i := range b.N {
-					s := New(cfg, fmt.Sprintf("ndt-4c6fb_1625899199_%016X", i), opened, nil)
+			}
+			var took [2]time.Duration
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := range b.N {
+				for k := range 2 {
+					v := (i + k) % 2
+					start := time.Now()
+					s := New(cfgs[v], fmt.Sprintf("ndt-4c6fb_1625899199_%016X", 2*i+v), opened, nil)
 					for _, p := range pkts {
 						s.Push(p.Packet)
 					}
 					s.Close()
 					s.Run()
+					took[v] += time.Since(start)
 				}
-				b.StopTimer()
-				if got := testutil.ToFloat64(cfg.Metrics.FilesPublished); got != float64(b.N) {
-					b.Fatalf("published %v of %d files", got, b.N)
+			}
+			b.StopTimer()
+			for v, name := range []string{"record", "norecord"} {
+				if got := testutil.ToFloat64(cfgs[v].Metrics.FilesPublished); got != float64(b.N) {
+					b.Fatalf("%s: published %v of %d files", name, got, b.N)
 				}
-				b.ReportMetric(testutil.ToFloat64(cfg.Metrics.BytesWritten)/float64(b.N), "bytes/file")
-			})
+				b.ReportMetric(float64(took[v].Nanoseconds())/float64(b.N), "ns/file-"+name)
+				b.ReportMetric(testutil.ToFloat64(cfgs[v].Metrics.BytesWritten)/float64(b.N), "bytes/file-"+name)
+			}
+		})
+	}
+}
+
+// BenchmarkRecordHeader is the record's own work for one file, alone: the
+// record, its JSON line and the gzip header around it.
+func BenchmarkRecordHeader(b *testing.B) {
+	cfg := &Config{
+		Metrics: metrics.New(prometheus.NewRegistry()),
+		Version: "v1.2.3+abc1234", Source: "tcpinfo", Anonymization: "netblock", Interfaces: []string{"any"},
+		Drops: &fakeDrops{},
+	}
+	s := New(cfg, "ndt-4c6fb_1625899199_000000000121C1A0", opened, nil)
+	s.w = newPCAPWriter(io.Discard, 94, 1, s.reserveHeader)
+	s.first, s.last = 1700000000123456789, 1700000004000000000
+	b.ReportAllocs()
+	for b.Loop() {
+		rec := s.record(endClose, 0)
+		comment, err := rec.marshal()
+		if err != nil {
+			b.Fatal(err)
+		}
+		_ = gzipHeader(s.mtime(), s.gzipName(), comment, len(comment))
+	}
+}
+
+// TestRecordJSONAsEncodingJSON: the hand-written JSON is encoding/json's for
+// ASCII values (which it does not HTML-escape), and reads back the same for
+// any value.
+func TestRecordJSONAsEncodingJSON(t *testing.T) {
+	kd := uint64(18446744073709551615)
+	for _, r := range []Record{
+		{},
+		{UUID: "host_1548788619_00000000000084FF", Version: "v1.2.3+abc1234", Source: "standalone", Anonymization: "none",
+			Interfaces: []string{"any"}, FirstPacket: FormatRecordTime(0), LastPacket: FormatRecordTime(1<<62),
+			Packets: 1 << 40, MissedPackets: Missed{Duration: 1, Backlog: 3}, Truncated: true, KernelDrops: &kd, SYNSeen: true},
+		{Interfaces: []string{"eth0", "eth1"}, MissedPackets: Missed{Pending: 2}, FINOrRSTSeen: true},
+		{Version: "quote\" backslash\\ tab\t nl\n cr\r nul\x00 del\x7f", MissedPackets: Missed{Duration: 1, Pending: 2, Backlog: 3}},
+	} {
+		got, err := r.marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Interfaces == nil {
+			r.Interfaces = []string{}
+		}
+		want, err := json.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(got) != string(want) {
+			t.Errorf("\n got %s\nwant %s", got, want)
+		}
+	}
+	for _, s := range []string{"wlæn€𝄞", "bad \xff utf-8", "\u2028"} {
+		r := Record{UUID: "u", Version: s}
+		b, err := r.marshal()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range b {
+			if c >= 0x80 {
+				t.Errorf("%q: non-ASCII byte in %s", s, b)
+			}
+		}
+		back, err := ParseRecord(string(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := strings.ToValidUTF8(s, "\uFFFD"); back.Version != want {
+			t.Errorf("%q read back as %q", s, back.Version)
 		}
 	}
 }
