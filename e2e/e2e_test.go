@@ -4,17 +4,15 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"cmp"
+	"context"
 	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -25,6 +23,7 @@ import (
 
 	"github.com/m-lab/packet-headers/flow"
 	"github.com/m-lab/packet-headers/internal/netns"
+	"github.com/m-lab/packet-headers/internal/promscrape"
 	"github.com/m-lab/packet-headers/internal/replay"
 )
 
@@ -265,7 +264,7 @@ func (e *env) startDaemon(extra ...string) {
 		"-flowtimeout=1s",
 		"-captureduration=20s",
 		"-sigtermwait=200ms",
-		"-prometheusx.listen-address=127.0.0.1:9991",
+		"-prometheusx.listen-address=" + daemonMetrics,
 		"-uuid-prefix-file=" + e.prefix,
 	}, extra...)
 	e.daemon = startProc(e.t, e.tp.server, "packet-headers", daemonBin, args...)
@@ -290,92 +289,71 @@ func (e *env) startTCPInfo() {
 
 // waitForFileFresh waits for path to exist, or for p to exit.
 func waitForFileFresh(path string, p *proc, d time.Duration) bool {
-	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) {
-		select {
-		case <-p.done:
-			return false
-		default:
-		}
-		if waitForFile(path, 50*time.Millisecond) {
-			return true
-		}
-	}
-	return false
+	return p.WaitFile(context.Background(), path, d) == nil
 }
 
-// metric reads one metric's value from the daemon's /metrics.
-func (e *env) metric(name string) float64 { return e.metricAt("127.0.0.1:9991", name) }
+// daemonMetrics is the daemon's /metrics address in the server namespace.
+const daemonMetrics = "127.0.0.1:9991"
 
-// metricAt reads one metric's value from the /metrics at addr.
+// metric reads one metric's value from the daemon's /metrics.
+func (e *env) metric(name string) float64 { return e.metricAt(daemonMetrics, name) }
+
+// metricAt reads one series' value (`name` or `name{label="v"}`, as
+// exported) from the /metrics at addr in the server namespace.
 func (e *env) metricAt(addr, name string) float64 {
-	body, err := e.scrapeAt(addr)
+	s, err := e.target(addr).Scrape()
 	if err != nil {
 		e.t.Fatalf("scrape metrics: %v", err)
 	}
-	re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`)
-	m := re.FindSubmatch(body)
-	if m == nil {
+	v, ok := s[name]
+	if !ok {
 		e.t.Fatalf("metric %s not found", name)
-	}
-	v, err := strconv.ParseFloat(string(m[1]), 64)
-	if err != nil {
-		e.t.Fatal(err)
 	}
 	return v
 }
 
-// scrape reads the daemon's /metrics. The connection is made on a thread in
-// the server namespace (http.Client would dial from another goroutine, in the
-// wrong namespace), then HTTP runs over it.
-func (e *env) scrape() ([]byte, error) { return e.scrapeAt("127.0.0.1:9991") }
-
-// scrapeAt reads /metrics at addr in the server namespace.
-func (e *env) scrapeAt(addr string) ([]byte, error) {
-	var c net.Conn
-	err := netns.Run(e.tp.serverNS, func() error {
-		var err error
-		c, err = net.DialTimeout("tcp", addr, 5*time.Second)
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.WriteString(c, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n"); err != nil {
-		return nil, err
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	return io.ReadAll(resp.Body)
+// target is the /metrics at addr in the server namespace (internal/promscrape
+// dials it from a thread in the namespace).
+func (e *env) target(addr string) promscrape.Target {
+	return promscrape.Target{NS: e.tp.serverNS, Addr: addr}
 }
 
-// pcapMetrics returns the daemon's pcap_ metrics, for failure messages.
+// scrape reads the daemon's /metrics.
+func (e *env) scrape() ([]byte, error) { return e.scrapeAt(daemonMetrics) }
+
+// scrapeAt reads /metrics at addr in the server namespace.
+func (e *env) scrapeAt(addr string) ([]byte, error) { return e.target(addr).Body() }
+
+// pcapMetrics returns the daemon's non-zero pcap_ metrics, one a line, for
+// failure messages.
 func (e *env) pcapMetrics() string {
-	body, _ := e.scrape()
-	var out []string
-	for _, l := range scanLines(string(body)) {
-		if strings.HasPrefix(l, "pcap_") && !strings.HasSuffix(l, " 0") && !strings.Contains(l, "_bucket") {
-			out = append(out, l)
-		}
+	s, err := e.target(daemonMetrics).Scrape()
+	if err != nil {
+		return err.Error()
 	}
+	var out []string
+	for k, v := range s.NonZero("pcap_") {
+		out = append(out, k+" "+strconv.FormatFloat(v, 'g', -1, 64))
+	}
+	slices.Sort(out)
 	return strings.Join(out, "\n")
 }
 
 // waitMetric waits until the metric reaches at least want.
 func (e *env) waitMetric(name string, want float64, d time.Duration) bool {
-	deadline := time.Now().Add(d)
-	for time.Now().Before(deadline) {
-		if e.metric(name) >= want {
-			return true
-		}
-		time.Sleep(50 * time.Millisecond) // polling a real process's metrics, with a deadline
+	missing := false
+	_, ok, err := e.target(daemonMetrics).Wait(context.Background(), 50*time.Millisecond, d, func(s promscrape.Samples) bool {
+		v, found := s[name]
+		missing = !found
+		return missing || v >= want
+	})
+	switch {
+	case err != nil:
+		e.t.Fatalf("scrape metrics: %v", err)
+	case missing:
+		e.t.Fatalf("metric %s not found", name)
 	}
-	return false
+	return ok
 }
 
 // fileOf returns the path of a flow's file, waiting for it to appear.

@@ -2,9 +2,7 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -15,25 +13,30 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/m-lab/packet-headers/internal/nsproc"
+	"github.com/m-lab/packet-headers/internal/topo"
 )
 
-// Addresses of the test topology: the server (where the daemon and tcp-info
-// run) and the client, joined by a veth pair. Only the benchmarking and
-// documentation ranges are ever used.
+// Addresses of the test topology (internal/topo): the server (where the
+// daemon and tcp-info run) and the client, joined by a veth pair. Only the
+// benchmarking and documentation ranges are ever used.
 const (
-	serverV4 = "198.18.0.1"
-	clientV4 = "198.18.0.2"
-	serverV6 = "2001:db8::1"
-	clientV6 = "2001:db8::2"
+	serverV4 = topo.ServerV4
+	clientV4 = topo.ClientV4
+	serverV6 = topo.ServerV6
+	clientV6 = topo.ClientV6
 )
 
 // topology is two network namespaces joined by a veth pair (or, in
-// newTUNTopology, by two TUN devices and a relay).
+// newTUNTopology, by two TUN devices and a relay): internal/topo's, in the
+// names the tests use.
 type topology struct {
 	id                 string
 	server, client     string // namespace names
 	serverIf, clientIf string // the link's ends
 	serverNS, clientNS *os.File
+	nt                 *topo.Topology // what made the namespaces, if anything
 }
 
 func run(t testing.TB, name string, args ...string) {
@@ -58,124 +61,74 @@ func requireNetns(t testing.TB) {
 var topoSeq int
 
 // newTopology creates the namespaces and the veth pair, with checksum and
-// segmentation offloads off so that both ends see the same packets, with
-// valid checksums. Everything is removed when the test ends.
+// segmentation offloads off (where ethtool is installed) so that both ends
+// see the same packets, with valid checksums. Everything is removed when the
+// test ends.
 func newTopology(t testing.TB) *topology {
 	t.Helper()
 	tp := newNamespaces(t)
-	tp.serverIf, tp.clientIf = "vs"+tp.id, "vc"+tp.id
-	run(t, "ip", "link", "add", tp.serverIf, "netns", tp.server, "type", "veth", "peer", "name", tp.clientIf, "netns", tp.client)
-	for _, s := range []struct{ ns, ifc, v4, v6 string }{
-		{tp.server, tp.serverIf, serverV4, serverV6},
-		{tp.client, tp.clientIf, clientV4, clientV6},
-	} {
-		run(t, "ip", "-n", s.ns, "addr", "add", s.v4+"/24", "dev", s.ifc)
-		run(t, "ip", "-n", s.ns, "addr", "add", s.v6+"/64", "dev", s.ifc, "nodad")
-		run(t, "ip", "-n", s.ns, "link", "set", s.ifc, "up")
-		if _, err := exec.LookPath("ethtool"); err == nil {
-			run(t, "ip", "netns", "exec", s.ns, "ethtool", "-K", s.ifc, "tso", "off", "gso", "off", "gro", "off", "tx", "off", "rx", "off")
-		}
+	off := topo.AllOffloads
+	if _, err := exec.LookPath("ethtool"); err != nil {
+		off = nil
 	}
+	if err := tp.nt.Veth(off); err != nil {
+		t.Fatal(err)
+	}
+	tp.serverIf, tp.clientIf = tp.nt.ServerIf, tp.nt.ClientIf
 	return tp
 }
 
-// newNamespaces creates the server and client namespaces, with loopback up
-// and nothing else; they are removed when the test ends.
+// newNamespaces creates the server and client namespaces, phs<id> and
+// phc<id>, with loopback up and nothing else; they are removed when the test
+// ends.
 func newNamespaces(t testing.TB) *topology {
 	t.Helper()
 	requireNetns(t)
 	topoSeq++
-	id := fmt.Sprintf("%d%d", os.Getpid()%100000, topoSeq)
-	tp := &topology{id: id, server: "phs" + id, client: "phc" + id}
-	for _, ns := range []string{tp.server, tp.client} {
-		run(t, "ip", "netns", "add", ns)
-		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
-		run(t, "ip", "-n", ns, "link", "set", "lo", "up")
-	}
-	var err error
-	if tp.serverNS, err = os.Open("/var/run/netns/" + tp.server); err != nil {
+	nt, err := topo.Namespaces("ph", fmt.Sprintf("%d%d", os.Getpid()%100000, topoSeq))
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { tp.serverNS.Close() })
-	if tp.clientNS, err = os.Open("/var/run/netns/" + tp.client); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { tp.clientNS.Close() })
-	return tp
+	t.Cleanup(func() {
+		if err := nt.Close(); err != nil {
+			t.Logf("remove the namespaces: %v", err)
+		}
+	})
+	return &topology{id: nt.ID, server: nt.Server, client: nt.Client, serverNS: nt.ServerNS, clientNS: nt.ClientNS, nt: nt}
 }
 
-// proc is a process the test started in a namespace; it is stopped by PID
-// when the test ends.
+// proc is a process the test started in a namespace (internal/nsproc); it
+// is stopped by PID when the test ends.
 type proc struct {
+	*nsproc.Proc
 	t    testing.TB
 	name string
 	cmd  *exec.Cmd
 	log  *logBuffer
-	done chan struct{}
-	err  error
+	done <-chan struct{}
+	err  error // how it ended, valid once done is closed
 }
 
-// logBuffer collects a process's output and lets the test wait for a line.
-type logBuffer struct {
-	mu   sync.Mutex
-	buf  bytes.Buffer
-	cond *sync.Cond
-}
+// logBuffer is a process's output, which the test can wait on.
+type logBuffer struct{ *nsproc.Output }
 
-func newLogBuffer() *logBuffer {
-	l := &logBuffer{}
-	l.cond = sync.NewCond(&l.mu)
-	return l
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.buf.Write(p)
-	l.cond.Broadcast()
-	return len(p), nil
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-// waitFor waits until the output contains s at least n times, or the
-// deadline passes.
+// waitFor waits until the output contains s at least n times, or d passes.
 func (l *logBuffer) waitFor(s string, n int, d time.Duration) bool {
-	deadline := time.Now().Add(d)
-	timer := time.AfterFunc(d, func() {
-		l.mu.Lock()
-		l.cond.Broadcast()
-		l.mu.Unlock()
-	})
-	defer timer.Stop()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for strings.Count(l.buf.String(), s) < n {
-		if time.Now().After(deadline) {
-			return false
-		}
-		l.cond.Wait()
-	}
-	return true
+	return l.WaitForWithin(s, n, d)
 }
 
 func startProc(t testing.TB, ns, name string, bin string, args ...string) *proc {
 	t.Helper()
-	p := &proc{t: t, name: name, log: newLogBuffer(), done: make(chan struct{})}
-	// ip netns exec execs the program: the PID is the program's.
-	p.cmd = exec.Command("ip", append([]string{"netns", "exec", ns, bin}, args...)...)
-	p.cmd.Stdout = p.log
-	p.cmd.Stderr = p.log
-	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
+	np, err := nsproc.Start(ns, name, nil, bin, args...)
+	if err != nil {
+		t.Fatal(err)
 	}
+	done := make(chan struct{})
+	p := &proc{Proc: np, t: t, name: name, cmd: np.Cmd, log: &logBuffer{np.Out}, done: done}
 	go func() {
-		p.err = p.cmd.Wait()
-		close(p.done)
+		<-np.Done()
+		p.err = np.Err()
+		close(done)
 	}()
 	t.Cleanup(func() {
 		p.kill()
@@ -188,28 +141,23 @@ func startProc(t testing.TB, ns, name string, bin string, args ...string) *proc 
 
 // signal sends sig to the process by its PID.
 func (p *proc) signal(sig syscall.Signal) {
-	if err := p.cmd.Process.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		p.t.Errorf("signal %s: %v", p.name, err)
+	if err := p.Signal(sig); err != nil {
+		p.t.Error(err)
 	}
 }
 
 // wait waits for the process to exit and returns its exit code.
 func (p *proc) wait(d time.Duration) (int, bool) {
-	select {
-	case <-p.done:
-		return p.cmd.ProcessState.ExitCode(), true
-	case <-time.After(d):
+	if err := p.Wait(context.Background(), d); err != nil {
 		return -1, false
 	}
+	<-p.done
+	return p.cmd.ProcessState.ExitCode(), true
 }
 
 func (p *proc) kill() {
-	select {
-	case <-p.done:
-	default:
-		p.cmd.Process.Kill()
-		<-p.done
-	}
+	p.Kill()
+	<-p.done
 }
 
 // waitForFile waits until path exists.
@@ -226,6 +174,15 @@ func waitForFile(path string, d time.Duration) bool {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// TestMain removes the binaries the tests built.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
 }
 
 // buildOnce builds the daemon and tcp-info for all tests of the package.

@@ -18,6 +18,7 @@ import (
 	"github.com/gopacket/gopacket/pcapgo"
 
 	"github.com/m-lab/packet-headers/flow"
+	"github.com/m-lab/packet-headers/internal/topo"
 )
 
 // record is one packet as compared: its original length and a hash of its
@@ -102,8 +103,8 @@ func readPcap(path string, fn func(k flow.Key, up bool, r record)) (pcapStats, e
 }
 
 var (
-	serverV4Bytes = netip.MustParseAddr(serverV4).As4()
-	serverV6Bytes = netip.MustParseAddr(serverV6).As16()
+	serverV4Bytes = netip.MustParseAddr(topo.ServerV4).As4()
+	serverV6Bytes = netip.MustParseAddr(topo.ServerV6).As16()
 )
 
 // isServer reports whether a raw IPv4 or IPv6 address is the server's.

@@ -96,6 +96,33 @@ func bench(ctx context.Context, cfg *Config, w io.Writer) error {
 	return nil
 }
 
+// stack is a list of cleanup steps run last-in first-out. It is not safe for
+// concurrent use.
+type stack struct {
+	steps []cleanupStep
+}
+
+type cleanupStep struct {
+	what string
+	fn   func() error
+}
+
+func (s *stack) push(what string, fn func() error) {
+	s.steps = append(s.steps, cleanupStep{what, fn})
+}
+
+// run runs every step, newest first, and returns their errors joined.
+func (s *stack) run() error {
+	var errs []error
+	for i := len(s.steps) - 1; i >= 0; i-- {
+		if err := s.steps[i].fn(); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", s.steps[i].what, err))
+		}
+	}
+	s.steps = nil
+	return errors.Join(errs...)
+}
+
 // bins are the programs a run starts.
 type bins struct {
 	daemon, tcpinfo, load string
@@ -175,27 +202,6 @@ func sleep(ctx context.Context, d time.Duration) error {
 		return ctx.Err()
 	case <-t.C:
 		return nil
-	}
-}
-
-// waitFile waits until path exists, p exits, ctx is done or d passes.
-func waitFile(ctx context.Context, path string, p *proc, d time.Duration) error {
-	deadline := time.Now().Add(d)
-	for {
-		if _, err := os.Stat(path); err == nil {
-			return nil
-		}
-		if p.exited() {
-			return fmt.Errorf("%s exited (%v) before creating %s:\n%s", p.name, p.err, path, p.out.String())
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s did not create %s within %v:\n%s", p.name, path, d, p.out.String())
-		}
-		// Polling a real process's effect on the file system, with a
-		// deadline.
-		if err := sleep(ctx, 20*time.Millisecond); err != nil {
-			return err
-		}
 	}
 }
 

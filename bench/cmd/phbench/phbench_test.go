@@ -39,34 +39,6 @@ func TestParseStatusKB(t *testing.T) {
 	}
 }
 
-func TestParseSamples(t *testing.T) {
-	body := []byte(`# HELP pcap_missed_packets_total x
-# TYPE pcap_missed_packets_total counter
-pcap_missed_packets_total{saverstate="pending"} 3
-pcap_missed_packets_total{saverstate="streaming"} 4
-pcap_eventsocket_events_total{event="open"} 2000
-pcap_demuxer_uuids_total 2000
-go_gc_duration_seconds{quantile="0.5"} 1.5e-05
-`)
-	s, err := parseSamples(body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := s.sum("pcap_missed_packets_total"); got != 7 {
-		t.Errorf("sum = %v, want 7", got)
-	}
-	if got := s.sum("pcap_demuxer_uuids_total"); got != 2000 {
-		t.Errorf("sum without labels = %v, want 2000", got)
-	}
-	if got := s.get(`pcap_eventsocket_events_total{event="open"}`); got != 2000 {
-		t.Errorf("get = %v, want 2000", got)
-	}
-	// A prefix of another metric's name is not that metric.
-	if got := s.sum("pcap_demuxer_uuids"); got != 0 {
-		t.Errorf("sum of a prefix = %v, want 0", got)
-	}
-}
-
 func TestTCPDumpCount(t *testing.T) {
 	out := "tcpdump: listening on vs1, link-type EN10MB\n1992 packets captured\n1992 packets received by filter\n7 packets dropped by kernel\n"
 	if got := tcpdumpCount(out, "dropped by kernel"); got != 7 {

@@ -12,6 +12,10 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/m-lab/packet-headers/internal/nsproc"
+	"github.com/m-lab/packet-headers/internal/promscrape"
+	"github.com/m-lab/packet-headers/internal/topo"
 )
 
 // The UUID prefix of the run, as tcp-info reads it from -uuid-prefix-file
@@ -29,13 +33,15 @@ const (
 type runState struct {
 	cfg  *Config
 	bins bins
-	tp   *topology
+	tp   *topo.Topology
 	dir  string
 	// dataDir is the daemon's -datadir.
 	dataDir string
 	w       io.Writer
 
-	tcpinfo, ref, floor, daemon, server, client *proc
+	tcpinfo, ref, floor, daemon, server, client *nsproc.Proc
+	// metrics is the daemon's /metrics, in the server namespace.
+	metrics promscrape.Target
 
 	// Link counters before the load.
 	linkBefore, peerBefore linkStats
@@ -65,6 +71,7 @@ func runOnce(ctx context.Context, cfg *Config, b bins, n int, w io.Writer) (res 
 	if s.tp, err = newTopology(fmt.Sprintf("%dr%d", os.Getpid(), n), bool(cfg.Offloads), &cleanup); err != nil {
 		return nil, err
 	}
+	s.metrics = promscrape.Target{NS: s.tp.ServerNS, Addr: daemonProm}
 	if err := s.start(ctx, &cleanup); err != nil {
 		return nil, err
 	}
@@ -120,7 +127,7 @@ func (s *runState) start(ctx context.Context, cleanup *stack) error {
 				return err
 			}
 		}
-		s.tcpinfo, err = startProcEnv(cleanup, []string{"PATH=" + s.path("nozstd")}, tp.server, "tcp-info", s.bins.tcpinfo,
+		s.tcpinfo, err = startProcEnv(cleanup, []string{"PATH=" + s.path("nozstd")}, tp.Server, "tcp-info", s.bins.tcpinfo,
 			"-tcpinfo.eventsocket="+sock,
 			"-output="+s.path("tcpinfo"),
 			"-prometheusx.listen-address="+tcpinfoProm,
@@ -128,7 +135,7 @@ func (s *runState) start(ctx context.Context, cleanup *stack) error {
 		if err != nil {
 			return err
 		}
-		if err := waitFile(ctx, sock, s.tcpinfo, 15*time.Second); err != nil {
+		if err := s.tcpinfo.WaitFile(ctx, sock, 15*time.Second); err != nil {
 			return err
 		}
 	}
@@ -139,25 +146,25 @@ func (s *runState) start(ctx context.Context, cleanup *stack) error {
 	// flushes its file when it exits on SIGTERM, and run checks that the
 	// file holds every packet tcpdump says it captured. A 128 MiB ring
 	// absorbs the moments tcpdump does not get a CPU.
-	s.ref, err = startProc(cleanup, tp.client, "reference tcpdump", "tcpdump",
-		"-i", tp.clientIf, "-n", "--immediate-mode", "-B", "131072", "-s", "256", "-w", s.path("ref.pcap"), "tcp")
+	s.ref, err = startProc(cleanup, tp.Client, "reference tcpdump", "tcpdump",
+		"-i", tp.ClientIf, "-n", "--immediate-mode", "-B", "131072", "-s", "256", "-w", s.path("ref.pcap"), "tcp")
 	if err != nil {
 		return err
 	}
 	// The floor: what tcpdump costs to write the same packets on the
 	// daemon's interface, in its cheapest configuration.
-	s.floor, err = startProc(cleanup, tp.server, "floor tcpdump", "tcpdump",
-		"-i", tp.serverIf, "-s", "128", "-B", "4096", "-w", s.path("floor.pcap"), "tcp")
+	s.floor, err = startProc(cleanup, tp.Server, "floor tcpdump", "tcpdump",
+		"-i", tp.ServerIf, "-s", "128", "-B", "4096", "-w", s.path("floor.pcap"), "tcp")
 	if err != nil {
 		return err
 	}
-	for _, p := range []*proc{s.ref, s.floor} {
-		if err := p.waitOutput(ctx, "listening on", 15*time.Second); err != nil {
+	for _, p := range []*nsproc.Proc{s.ref, s.floor} {
+		if err := p.WaitOutput(ctx, "listening on", 15*time.Second); err != nil {
 			return err
 		}
 	}
 	args := []string{
-		"-interface=" + tp.serverIf,
+		"-interface=" + tp.ServerIf,
 		"-datadir=" + s.dataDir,
 		"-flowtimeout=" + cfg.FlowTimeout.String(),
 		// Longer than any run, so that no flow is cut short.
@@ -170,32 +177,32 @@ func (s *runState) start(ctx context.Context, cleanup *stack) error {
 		args = append(args, "-uuid-prefix-file="+s.path("prefix"))
 	}
 	args = append(args, cfg.DaemonFlags...)
-	if s.daemon, err = startProc(cleanup, tp.server, "packet-headers", s.bins.daemon, args...); err != nil {
+	if s.daemon, err = startProc(cleanup, tp.Server, "packet-headers", s.bins.daemon, args...); err != nil {
 		return err
 	}
-	if err := s.daemon.waitOutput(ctx, "msg=started", 15*time.Second); err != nil {
+	if err := s.daemon.WaitOutput(ctx, "msg=started", 15*time.Second); err != nil {
 		return err
 	}
 	if cfg.Source == TCPInfo {
-		if err := s.daemon.waitOutput(ctx, "connected to eventsocket", 15*time.Second); err != nil {
+		if err := s.daemon.WaitOutput(ctx, "connected to eventsocket", 15*time.Second); err != nil {
 			return err
 		}
 	}
 	req, resp := cfg.Req, cfg.Resp
-	s.server, err = startProc(cleanup, tp.server, "phload serve", s.bins.load, "serve",
-		"-listen="+net.JoinHostPort(serverV4, serverPort)+","+net.JoinHostPort(serverV6, serverPort),
+	s.server, err = startProc(cleanup, tp.Server, "phload serve", s.bins.load, "serve",
+		"-listen="+net.JoinHostPort(topo.ServerV4, serverPort)+","+net.JoinHostPort(topo.ServerV6, serverPort),
 		"-req="+strconv.Itoa(req), "-resp="+strconv.Itoa(resp),
 		"-maxconns="+strconv.Itoa(cfg.Count+cfg.Streams),
 		"-flows="+s.path("flows.json"))
 	if err != nil {
 		return err
 	}
-	if err := s.server.waitOutput(ctx, "ready", 15*time.Second); err != nil {
+	if err := s.server.WaitOutput(ctx, "ready", 15*time.Second); err != nil {
 		return err
 	}
 	// The metrics endpoint answers before the load starts: a scrape
 	// failing later would otherwise lose the run.
-	if _, err := scrape(tp.serverNS, daemonProm); err != nil {
+	if _, err := s.metrics.Scrape(); err != nil {
 		return err
 	}
 	// Let start-up allocations and the first GC settle before the
@@ -207,26 +214,26 @@ func (s *runState) start(ctx context.Context, cleanup *stack) error {
 // every flow open.
 func (s *runState) load(ctx context.Context, res *Result) error {
 	cfg := s.cfg
-	addr := net.JoinHostPort(serverV4, serverPort)
+	addr := net.JoinHostPort(topo.ServerV4, serverPort)
 	if cfg.IPv6 {
-		addr = net.JoinHostPort(serverV6, serverPort)
+		addr = net.JoinHostPort(topo.ServerV6, serverPort)
 	}
 	var err error
 	if res.LoadAvg1, err = loadAvg(); err != nil {
 		return err
 	}
-	if s.linkBefore, err = readLinkStats(s.tp.server, s.tp.serverIf); err != nil {
+	if s.linkBefore, err = readLinkStats(s.tp.Server, s.tp.ServerIf); err != nil {
 		return err
 	}
-	if s.peerBefore, err = readLinkStats(s.tp.client, s.tp.clientIf); err != nil {
+	if s.peerBefore, err = readLinkStats(s.tp.Client, s.tp.ClientIf); err != nil {
 		return err
 	}
-	cpu, err := procCPU(s.daemon.cmd.Process.Pid)
+	cpu, err := procCPU(s.daemon.Pid())
 	if err != nil {
 		return err
 	}
 	res.DaemonCPU0 = cpu.Seconds()
-	if cpu, err = procCPU(s.floor.cmd.Process.Pid); err != nil {
+	if cpu, err = procCPU(s.floor.Pid()); err != nil {
 		return err
 	}
 	res.FloorCPU0 = cpu.Seconds()
@@ -243,7 +250,7 @@ func (s *runState) load(ctx context.Context, res *Result) error {
 			"-pace="+strconv.FormatInt(cfg.Pace, 10))
 		limit = cfg.Duration + time.Minute
 	case Concurrent:
-		if res.BaseRSSKB, err = procStatusKB(s.daemon.cmd.Process.Pid, "VmRSS"); err != nil {
+		if res.BaseRSSKB, err = procStatusKB(s.daemon.Pid(), "VmRSS"); err != nil {
 			return err
 		}
 		// The client's own bound on holding; phbench normally tells it
@@ -258,7 +265,7 @@ func (s *runState) load(ctx context.Context, res *Result) error {
 			fmt.Fprintf(os.Stderr, "phbench: %v\n", err)
 		}
 	}()
-	if s.client, err = startProc(&cleanup, s.tp.client, "phload "+cfg.Mode.String(), s.bins.load, args...); err != nil {
+	if s.client, err = startProc(&cleanup, s.tp.Client, "phload "+cfg.Mode.String(), s.bins.load, args...); err != nil {
 		return err
 	}
 	if cfg.Mode == Concurrent {
@@ -266,12 +273,15 @@ func (s *runState) load(ctx context.Context, res *Result) error {
 			return err
 		}
 	}
-	if err := s.client.wait(ctx, limit); err != nil {
-		return err
+	if err := s.client.Wait(ctx, limit); err != nil {
+		return fmt.Errorf("%w:\n%s", err, s.client.Out.String())
 	}
-	line, ok := s.client.lastLine("result ")
+	if err := s.client.Err(); err != nil {
+		return fmt.Errorf("%s: %w:\n%s", s.client.Name, err, s.client.Out.String())
+	}
+	line, ok := s.client.Out.LastLine("result ")
 	if !ok {
-		return fmt.Errorf("phload printed no result:\n%s", s.client.out.String())
+		return fmt.Errorf("phload printed no result:\n%s", s.client.Out.String())
 	}
 	res.Load = json.RawMessage(line)
 	var lr struct {
@@ -291,45 +301,36 @@ func (s *runState) load(ctx context.Context, res *Result) error {
 // client to close.
 func (s *runState) measureOpen(ctx context.Context, res *Result) error {
 	cfg := s.cfg
-	if err := s.client.waitOutput(ctx, "open ", 2*time.Duration(cfg.Count)*time.Second/time.Duration(cfg.Rate)+time.Minute); err != nil {
+	if err := s.client.WaitOutput(ctx, "open ", 2*time.Duration(cfg.Count)*time.Second/time.Duration(cfg.Rate)+time.Minute); err != nil {
 		return err
 	}
-	line, _ := s.client.lastLine("open ")
+	line, _ := s.client.Out.LastLine("open ")
 	open, err := strconv.Atoi(strings.TrimSpace(line))
 	if err != nil {
 		return fmt.Errorf("phload: %q: %w", line, err)
 	}
 	res.OpenFlows = open
 	// tcp-info polls every 10 ms, but 10,000 sockets take it a while.
-	deadline := time.Now().Add(time.Minute)
-	for {
-		m, err := scrape(s.tp.serverNS, daemonProm)
-		if err != nil {
-			return err
-		}
-		if m.sum("pcap_demuxer_uuids_total") >= float64(open) {
-			break
-		}
-		if time.Now().After(deadline) {
-			summaryf(s.w, "only %v of %d open flows named after a minute; measuring anyway", m.sum("pcap_demuxer_uuids_total"), open)
-			break
-		}
-		if err := sleep(ctx, 250*time.Millisecond); err != nil {
-			return err
-		}
+	m, named, err := s.metrics.Wait(ctx, 250*time.Millisecond, time.Minute, func(m promscrape.Samples) bool {
+		return m.Sum("pcap_demuxer_uuids_total") >= float64(open)
+	})
+	if err != nil {
+		return err
+	}
+	if !named {
+		summaryf(s.w, "only %v of %d open flows named after a minute; measuring anyway", m.Sum("pcap_demuxer_uuids_total"), open)
 	}
 	if err := sleep(ctx, cfg.Hold); err != nil {
 		return err
 	}
-	if res.OpenRSSKB, err = procStatusKB(s.daemon.cmd.Process.Pid, "VmRSS"); err != nil {
+	if res.OpenRSSKB, err = procStatusKB(s.daemon.Pid(), "VmRSS"); err != nil {
 		return err
 	}
-	m, err := scrape(s.tp.serverNS, daemonProm)
-	if err != nil {
+	if m, err = s.metrics.Scrape(); err != nil {
 		return err
 	}
-	res.SaversActive = m.sum("pcap_demuxer_savers_active")
-	if _, err := io.WriteString(s.client.stdin, "close\n"); err != nil {
+	res.SaversActive = m.Sum("pcap_demuxer_savers_active")
+	if _, err := io.WriteString(s.client.Stdin, "close\n"); err != nil {
 		return fmt.Errorf("tell phload to close: %w", err)
 	}
 	return nil
@@ -343,11 +344,11 @@ func (s *runState) stop(ctx context.Context, res *Result) error {
 	if err := sleep(ctx, s.cfg.Settle); err != nil {
 		return err
 	}
-	link, err := readLinkStats(s.tp.server, s.tp.serverIf)
+	link, err := readLinkStats(s.tp.Server, s.tp.ServerIf)
 	if err != nil {
 		return err
 	}
-	peer, err := readLinkStats(s.tp.client, s.tp.clientIf)
+	peer, err := readLinkStats(s.tp.Client, s.tp.ClientIf)
 	if err != nil {
 		return err
 	}
@@ -356,7 +357,7 @@ func (s *runState) stop(ctx context.Context, res *Result) error {
 	// drop; the receiver's RX drops are counted too for completeness.
 	res.LinkDrops = int64(link.RX.Dropped + link.TX.Dropped + peer.RX.Dropped + peer.TX.Dropped -
 		s.linkBefore.RX.Dropped - s.linkBefore.TX.Dropped - s.peerBefore.RX.Dropped - s.peerBefore.TX.Dropped)
-	pid := s.daemon.cmd.Process.Pid
+	pid := s.daemon.Pid()
 	cpu, err := procCPU(pid)
 	if err != nil {
 		return err
@@ -365,66 +366,66 @@ func (s *runState) stop(ctx context.Context, res *Result) error {
 	if res.PeakRSSKB, err = procStatusKB(pid, "VmHWM"); err != nil {
 		return err
 	}
-	m, err := scrape(s.tp.serverNS, daemonProm)
+	m, err := s.metrics.Scrape()
 	if err != nil {
 		return err
 	}
-	res.Named = m.sum("pcap_demuxer_uuids_total")
+	res.Named = m.Sum("pcap_demuxer_uuids_total")
 	if s.cfg.Source == TCPInfo {
-		res.Opens = m.get(`pcap_eventsocket_events_total{event="open"}`)
+		res.Opens = m[`pcap_eventsocket_events_total{event="open"}`]
 	} else {
-		res.Opens = m.sum("pcap_uuidsource_uuids_issued_total")
+		res.Opens = m.Sum("pcap_uuidsource_uuids_issued_total")
 	}
-	res.CapturePackets = m.sum("pcap_capture_packets_total")
-	res.KernelDrops = m.sum("pcap_capture_kernel_drops")
-	res.IfaceDrops = m.sum("pcap_capture_interface_drops")
-	res.Missed = m.sum("pcap_missed_packets_total")
-	res.Metrics = m.pcap()
+	res.CapturePackets = m.Sum("pcap_capture_packets_total")
+	res.KernelDrops = m.Sum("pcap_capture_kernel_drops")
+	res.IfaceDrops = m.Sum("pcap_capture_interface_drops")
+	res.Missed = m.Sum("pcap_missed_packets_total")
+	res.Metrics = m.NonZero("pcap_")
 	if res.LoadEnd1, err = loadAvg(); err != nil {
 		return err
 	}
 
-	if err := s.daemon.stop(syscall.SIGTERM, 2*time.Minute); err != nil {
+	if err := s.daemon.Stop(syscall.SIGTERM, 2*time.Minute); err != nil {
 		return err
 	}
-	res.DaemonExit = s.daemon.cmd.ProcessState.ExitCode()
+	res.DaemonExit = s.daemon.Cmd.ProcessState.ExitCode()
 	if res.DaemonExit != 0 {
-		return fmt.Errorf("daemon exited %d after SIGTERM:\n%s", res.DaemonExit, s.daemon.out.String())
+		return fmt.Errorf("daemon exited %d after SIGTERM:\n%s", res.DaemonExit, s.daemon.Out.String())
 	}
-	c, maxRSS, _ := s.daemon.rusage()
+	c, maxRSS, _ := s.daemon.Rusage()
 	res.DaemonCPU, res.MaxRSSKB = c.Seconds(), maxRSS
 
-	for _, p := range []*proc{s.floor, s.ref} {
-		if err := p.stop(syscall.SIGTERM, 30*time.Second); err != nil {
+	for _, p := range []*nsproc.Proc{s.floor, s.ref} {
+		if err := p.Stop(syscall.SIGTERM, 30*time.Second); err != nil {
 			return err
 		}
 	}
-	c, _, _ = s.floor.rusage()
+	c, _, _ = s.floor.Rusage()
 	res.FloorCPU = c.Seconds()
-	res.FloorDrops = tcpdumpCount(s.floor.out.String(), "dropped by kernel")
-	res.RefDrops = tcpdumpCount(s.ref.out.String(), "dropped by kernel")
-	res.RefCaptured = tcpdumpCount(s.ref.out.String(), "captured")
+	res.FloorDrops = tcpdumpCount(s.floor.Out.String(), "dropped by kernel")
+	res.RefDrops = tcpdumpCount(s.ref.Out.String(), "dropped by kernel")
+	res.RefCaptured = tcpdumpCount(s.ref.Out.String(), "captured")
 
-	if err := s.server.stop(syscall.SIGTERM, 30*time.Second); err != nil {
+	if err := s.server.Stop(syscall.SIGTERM, 30*time.Second); err != nil {
 		return err
 	}
-	if s.server.err != nil {
-		return fmt.Errorf("phload serve: %w:\n%s", s.server.err, s.server.out.String())
+	if err := s.server.Err(); err != nil {
+		return fmt.Errorf("phload serve: %w:\n%s", err, s.server.Out.String())
 	}
 	if s.tcpinfo != nil {
-		if err := s.tcpinfo.stop(syscall.SIGTERM, 30*time.Second); err != nil {
+		if err := s.tcpinfo.Stop(syscall.SIGTERM, 30*time.Second); err != nil {
 			return err
 		}
-		c, _, _ = s.tcpinfo.rusage()
+		c, _, _ = s.tcpinfo.Rusage()
 		res.TCPInfoCPU = c.Seconds()
 	}
 	if s.cfg.Keep {
-		for _, p := range []*proc{s.daemon, s.tcpinfo, s.ref, s.floor, s.server, s.client} {
+		for _, p := range []*nsproc.Proc{s.daemon, s.tcpinfo, s.ref, s.floor, s.server, s.client} {
 			if p == nil {
 				continue
 			}
-			name := strings.ReplaceAll(p.name, " ", "-") + ".log"
-			if err := os.WriteFile(s.path(name), []byte(p.out.String()), 0o644); err != nil {
+			name := strings.ReplaceAll(p.Name, " ", "-") + ".log"
+			if err := os.WriteFile(s.path(name), []byte(p.Out.String()), 0o644); err != nil {
 				return err
 			}
 		}
