@@ -815,7 +815,7 @@ func TestRecordJSONAsEncodingJSON(t *testing.T) {
 	for _, r := range []Record{
 		{},
 		{UUID: "host_1548788619_00000000000084FF", Version: "v1.2.3+abc1234", Source: "standalone", Anonymization: "none",
-			Interfaces: []string{"any"}, FirstPacket: FormatRecordTime(0), LastPacket: FormatRecordTime(1<<62),
+			Interfaces: []string{"any"}, FirstPacket: FormatRecordTime(0), LastPacket: FormatRecordTime(1 << 62),
 			Packets: 1 << 40, MissedPackets: Missed{Duration: 1, Backlog: 3}, Truncated: true, KernelDrops: &kd, SYNSeen: true},
 		{Interfaces: []string{"eth0", "eth1"}, MissedPackets: Missed{Pending: 2}, FINOrRSTSeen: true},
 		{Version: "quote\" backslash\\ tab\t nl\n cr\r nul\x00 del\x7f", MissedPackets: Missed{Duration: 1, Pending: 2, Backlog: 3}},
