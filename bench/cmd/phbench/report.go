@@ -52,6 +52,11 @@ type Result struct {
 	RefDrops    int64   `json:"ref_drops"`    // reference tcpdump's kernel drops
 	RefCaptured int64   `json:"ref_captured"` // packets the reference tcpdump says it wrote
 
+	// PublishFloor is what publishing one file of the run's median size
+	// costs on the same data directory, measured after the daemon
+	// stopped; nil when the daemon published no file.
+	PublishFloor *publishFloor `json:"publish_floor"`
+
 	// Concurrent mode.
 	OpenFlows    int     `json:"open_flows,omitempty"`
 	BaseRSSKB    int64   `json:"baseline_vmrss_kb,omitempty"`
@@ -145,7 +150,14 @@ var metrics = []metric{
 	{name: "daemon CPU / packet, during load", unit: "µs", f: func(r *Result) float64 {
 		return 1e6 * ratio(r.DaemonCPULive-r.DaemonCPU0, linkPackets(r))
 	}},
-	{name: "daemon CPU / flow", unit: "µs", f: func(r *Result) float64 { return 1e6 * ratio(r.DaemonCPU, float64(r.Match.Flows)) }},
+	{name: "daemon CPU / flow", unit: "µs", f: daemonCPUPerFlow},
+	// The file system's own cost of a flow's file (see floor.go), and the
+	// daemon's CPU per flow as a multiple of it.
+	{name: "publish floor file size", unit: "B", f: floorValue(func(f *publishFloor) float64 { return float64(f.FileBytes) })},
+	{name: "publish floor CPU / file, no fsync", unit: "µs", f: floorValue(func(f *publishFloor) float64 { return f.NoSyncCPU })},
+	{name: "publish floor CPU / file, fsync", unit: "µs", f: floorValue(func(f *publishFloor) float64 { return f.SyncCPU })},
+	{name: "daemon CPU / flow / publish floor, no fsync", unit: "x", f: overFloor(func(f *publishFloor) float64 { return f.NoSyncCPU })},
+	{name: "daemon CPU / flow / publish floor, fsync", unit: "x", f: overFloor(func(f *publishFloor) float64 { return f.SyncCPU })},
 	{name: "daemon peak RSS (VmHWM)", unit: "MB", f: func(r *Result) float64 { return float64(r.PeakRSSKB) / 1024 }},
 	{name: "daemon max RSS incl. shutdown", unit: "MB", f: func(r *Result) float64 { return float64(r.MaxRSSKB) / 1024 }},
 	{name: "tcp-info CPU (for comparison)", unit: "s", f: func(r *Result) float64 { return r.TCPInfoCPU }},
@@ -160,6 +172,29 @@ var metrics = []metric{
 	{name: "RSS / open flow", unit: "KB", only: []Mode{Concurrent}, f: rssPerFlowKB},
 	{name: "load average 1m (start)", f: func(r *Result) float64 { return r.LoadAvg1 }},
 	{name: "load average 1m (end)", f: func(r *Result) float64 { return r.LoadEnd1 }},
+}
+
+func daemonCPUPerFlow(r *Result) float64 { return 1e6 * ratio(r.DaemonCPU, float64(r.Match.Flows)) }
+
+// floorValue returns a value of the run's publish floor; NaN without one.
+func floorValue(f func(*publishFloor) float64) func(r *Result) float64 {
+	return func(r *Result) float64 {
+		if r.PublishFloor == nil {
+			return math.NaN()
+		}
+		return f(r.PublishFloor)
+	}
+}
+
+// overFloor returns the daemon's CPU per flow over a publish floor's CPU
+// per file.
+func overFloor(f func(*publishFloor) float64) func(r *Result) float64 {
+	return func(r *Result) float64 {
+		if r.PublishFloor == nil {
+			return math.NaN()
+		}
+		return ratio(daemonCPUPerFlow(r), f(r.PublishFloor))
+	}
 }
 
 func rssPerFlowKB(r *Result) float64 {

@@ -85,9 +85,18 @@ func runOnce(ctx context.Context, cfg *Config, b bins, n int, w io.Writer) (res 
 	if res.Match, err = match(s.path("ref.pcap"), s.path("floor.pcap"), s.path("flows.json"), s.dataDir, uuidPrefix); err != nil {
 		return nil, err
 	}
+	// The daemon has stopped and its files are counted: the file system's
+	// own cost per file, on the same directory.
+	if res.PublishFloor, err = measurePublishFloor(s.dataDir); err != nil {
+		return nil, fmt.Errorf("publish floor: %w", err)
+	}
 	summaryf(w, "run %d: %d flows, %d named, %d files, %d complete; %d reference packets; daemon %.2fs CPU, VmHWM %d MB; floor %.2fs CPU; load average %.2f",
 		n, res.Match.Flows, int(res.Named), res.Match.Files, res.Match.Complete, res.Match.RefAllPacket,
 		res.DaemonCPU, res.PeakRSSKB/1024, res.FloorCPU, res.LoadEnd1)
+	if f := res.PublishFloor; f != nil {
+		summaryf(w, "run %d: publish floor, %d files of %d B: %.1f µs CPU per file without fsync, %.1f µs with (wall %.1f, %.1f µs)",
+			n, f.Files, f.FileBytes, f.NoSyncCPU, f.SyncCPU, f.NoSyncWall, f.SyncWall)
+	}
 	return res, nil
 }
 
