@@ -85,7 +85,9 @@ type fileInfo struct {
 	// Record is the record as stored in the gzip header (compact), or
 	// null.
 	Record json.RawMessage `json:"record"`
-	rec    *saver.Record
+	// RecordError says why a comment that is there is no record.
+	RecordError string `json:"record_error,omitempty"`
+	rec         *saver.Record
 	// recErr says why there is no record.
 	recErr  error
 	name    string  // the gzip header's FNAME
@@ -131,8 +133,11 @@ func inspectFile(path string) (*fileInfo, error) {
 	}
 	fi := &fileInfo{File: path, name: zr.Name}
 	fi.rec, fi.recErr = saver.ParseRecord(zr.Comment)
-	if fi.recErr == nil {
+	switch {
+	case fi.recErr == nil:
 		fi.Record = json.RawMessage(strings.TrimRight(zr.Comment, " "))
+	case !errors.Is(fi.recErr, saver.ErrNoRecord):
+		fi.RecordError = fi.recErr.Error()
 	}
 	if err := fi.Summary.read(zr); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)

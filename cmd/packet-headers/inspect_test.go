@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"compress/gzip"
 	"encoding/json"
 	"io"
 	"net/netip"
@@ -248,6 +249,49 @@ func TestSaverConfig(t *testing.T) {
 		if sc.Source != tt.source || !slices.Equal(sc.Interfaces, tt.interfaces) || sc.Anonymization != tt.anon ||
 			sc.Sync != tt.sync || sc.Drops == nil || sc.Dir != "/data" || sc.Version != version+"+"+commit() {
 			t.Errorf("%q: %+v", tt.args, sc)
+		}
+	}
+}
+
+// TestInspectUnreadableRecord: a gzip comment that is not a record (another
+// program's) is said to be one, and the file is still summarized.
+func TestInspectUnreadableRecord(t *testing.T) {
+	old := filepath.Join("..", "..", "testdata", "production", "ndt-nnwk2_1611335823_00000000000C2DA8.pcap.gz")
+	f, err := os.Open(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	zw := gzip.NewWriter(&b)
+	zw.Comment = "written by hand"
+	if _, err := io.Copy(zw, zr); err != nil {
+		t.Fatal(err)
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "other.pcap.gz")
+	if err := os.WriteFile(path, b.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"inspect", path}, "  record           unreadable: invalid character"},
+		{[]string{"inspect", "-json", path}, `"record":null,"record_error":"invalid character`},
+	} {
+		var stdout, stderr bytes.Buffer
+		if code := run(t.Context(), tt.args, noEnv, &stdout, &stderr); code != 0 {
+			t.Fatalf("exit %d: %s", code, stderr.String())
+		}
+		if !strings.Contains(stdout.String(), tt.want) || !strings.Contains(stdout.String(), "15") {
+			t.Errorf("%q: no %q (or the 15 packets) in\n%s", tt.args, tt.want, stdout.String())
 		}
 	}
 }
