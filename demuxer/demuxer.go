@@ -230,7 +230,14 @@ type Demuxer struct {
 	droppedWait   prometheus.Counter
 	droppedLimit  prometheus.Counter
 	uuidTimedOut  prometheus.Counter
-	heapSample    []metrics.Sample
+	// waitEnded counts the flows dropped while they wait for their UUID
+	// at the end of their wait (uuidTimedOut), or uuidChanClosed while GC
+	// collects idle flows.
+	waitEnded      prometheus.Counter
+	uuidChanClosed prometheus.Counter
+	// waiting is pcap_saver_states{state="uuidwait"}: the pending flows.
+	waiting    prometheus.Gauge
+	heapSample []metrics.Sample
 }
 
 // New creates a demuxer.
@@ -252,21 +259,26 @@ func New(cfg Config) *Demuxer {
 	}
 	cfg.Saver.Init()
 	m := cfg.Metrics
-	return &Demuxer{
-		cfg:           cfg,
-		flows:         make(map[flow.Key]*entry),
-		gen:           2, // so that gen-1 never underflows
-		missedPending: m.MissedPackets.WithLabelValues("pending"),
-		shedMaxFlows:  m.FlowsShed.WithLabelValues("maxflows"),
-		shedMaxHeap:   m.FlowsShed.WithLabelValues("maxheap"),
-		droppedWait:   m.PendingDropped.WithLabelValues("uuidtimeout"),
-		droppedLimit:  m.PendingDropped.WithLabelValues("limit"),
-		uuidTimedOut:  m.SaverErrors.WithLabelValues("uuidtimedout"),
-		heapSample:    []metrics.Sample{{Name: "/gc/heap/live:bytes"}},
-		pendingWake:   make(chan struct{}, 1),
-		epoch:         time.Now(),
-		now:           time.Now,
+	d := &Demuxer{
+		cfg:   cfg,
+		flows: make(map[flow.Key]*entry),
+		gen:   2, // so that gen-1 never underflows
+		// A pending flow is in the original's saver state uuidwait.
+		missedPending:  m.MissedPackets.WithLabelValues(saver.UUIDWait),
+		waiting:        m.SaverCount.WithLabelValues(saver.UUIDWait),
+		shedMaxFlows:   m.FlowsShed.WithLabelValues("maxflows"),
+		shedMaxHeap:    m.FlowsShed.WithLabelValues("maxheap"),
+		droppedWait:    m.PendingDropped.WithLabelValues("uuidtimeout"),
+		droppedLimit:   m.PendingDropped.WithLabelValues("limit"),
+		uuidTimedOut:   m.SaverErrors.WithLabelValues(saver.UUIDTimedOut),
+		uuidChanClosed: m.SaverErrors.WithLabelValues(saver.UUIDChanClosed),
+		heapSample:     []metrics.Sample{{Name: "/gc/heap/live:bytes"}},
+		pendingWake:    make(chan struct{}, 1),
+		epoch:          time.Now(),
+		now:            time.Now,
 	}
+	d.waitEnded = d.uuidTimedOut
+	return d
 }
 
 // clock returns t as nanoseconds since the demuxer's epoch, on the monotonic
@@ -729,6 +741,11 @@ func (f flowLog) LogValue() slog.Value { return slog.StringValue(f.format(f.k)) 
 // is ended after one to two FlowTimeouts of silence.
 func (d *Demuxer) GC() {
 	start := time.Now()
+	// A flow collected while it still waits for its UUID is the
+	// original's uuidchanclosed (the collection closed its saver's UUID
+	// channel), not a UUID that did not come in time.
+	d.waitEnded = d.uuidChanClosed
+	defer func() { d.waitEnded = d.uuidTimedOut }()
 	for k, e := range d.flows {
 		if e.gen >= d.gen {
 			continue
@@ -858,8 +875,8 @@ func (d *Demuxer) dropPending(e *entry, reason prometheus.Counter) {
 	reason.Inc()
 	if reason == d.droppedWait {
 		// The original counted a flow that never got its UUID as a
-		// saver error with this reason; dashboards watch it.
-		d.uuidTimedOut.Inc()
+		// saver error; dashboards watch it.
+		d.waitEnded.Inc()
 	}
 	d.cfg.Metrics.DemuxerIgnored.Add(float64(e.npending()))
 	d.npkts -= e.npending()
@@ -883,6 +900,7 @@ func (d *Demuxer) checkHeap() {
 func (d *Demuxer) gauges() {
 	d.cfg.Metrics.DemuxerSaversActive.Set(float64(len(d.flows)))
 	d.cfg.Metrics.PendingFlows.Set(float64(d.npending))
+	d.waiting.Set(float64(d.npending))
 	d.hasPending.Store(d.npending > 0)
 }
 

@@ -412,8 +412,8 @@ func TestPendingPacketsBounded(t *testing.T) {
 		if got := h.count("u"); got != 3 {
 			t.Errorf("file has %d packets, want 3", got)
 		}
-		if n := testutil.ToFloat64(h.m.MissedPackets.WithLabelValues("pending")); n != 2 {
-			t.Errorf("missed{pending} = %v, want 2", n)
+		if n := testutil.ToFloat64(h.m.MissedPackets.WithLabelValues("uuidwait")); n != 2 {
+			t.Errorf("missed{uuidwait} = %v, want 2", n)
 		}
 	})
 }
@@ -458,8 +458,8 @@ func TestPendingPacketsBoundedOverall(t *testing.T) {
 		if got, want := h.count("v6"), 1+len(v6)-3; got != want {
 			t.Errorf("v6 file has %d packets, want %d", got, want)
 		}
-		if n := testutil.ToFloat64(h.m.MissedPackets.WithLabelValues("pending")); n != 2 {
-			t.Errorf("missed{pending} = %v, want 2", n)
+		if n := testutil.ToFloat64(h.m.MissedPackets.WithLabelValues("uuidwait")); n != 2 {
+			t.Errorf("missed{uuidwait} = %v, want 2", n)
 		}
 	})
 }

@@ -126,13 +126,7 @@ func (c *Config) Init() {
 		if c.Log == nil {
 			c.Log = slog.New(slog.DiscardHandler)
 		}
-		for s := State(0); s < numStates; s++ {
-			c.missed[s] = c.Metrics.MissedPackets.WithLabelValues(s.String())
-			c.gauges[s] = c.Metrics.SaverCount.WithLabelValues(s.String())
-			if r, ok := errorReasons[s]; ok {
-				c.errs[s] = c.Metrics.SaverErrors.WithLabelValues(r)
-			}
-		}
+		c.initLabels()
 		for _, r := range IncompleteReasons {
 			c.incomplete = append(c.incomplete, c.Metrics.FilesIncomplete.WithLabelValues(r))
 		}
