@@ -238,6 +238,18 @@ func (m *Manager) scan(start bool) error {
 		}
 	}
 	if len(m.names) == 0 {
+		// The capture on every interface ends only when stopped or
+		// when its socket fails; then it is reopened here. It is opened
+		// before the interfaces are logged, so that a daemon that cannot
+		// capture says only why.
+		if _, ok := m.active[AnyInterface]; !ok {
+			if err := m.open(AnyInterface); err != nil {
+				if start {
+					return err
+				}
+				m.logFailure(AnyInterface, err)
+			}
+		}
 		for _, n := range covered {
 			if !slices.Contains(m.covered, n) {
 				m.cfg.Log.Info("capturing", "interface", n, "socket", AnyInterface)
@@ -250,17 +262,6 @@ func (m *Manager) scan(start bool) error {
 		}
 		m.covered = covered
 		m.cfg.Metrics.InterfacesCaptured.Set(float64(len(covered)))
-		if _, ok := m.active[AnyInterface]; ok {
-			return nil
-		}
-		// The capture on every interface ends only when stopped or
-		// when its socket fails; then it is reopened here.
-		if err := m.open(AnyInterface); err != nil {
-			if start {
-				return err
-			}
-			m.logFailure(AnyInterface, err)
-		}
 		return nil
 	}
 	present := map[string]bool{}

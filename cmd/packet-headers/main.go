@@ -202,6 +202,11 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 		}
 		return nil, fmt.Errorf("capture: %w", err)
 	}
+	// Said once everything is set up, so that a daemon that cannot start
+	// says only why.
+	if src, ok := d.source.(*kernelsource.Source); ok {
+		log.Info("standalone: UUIDs from the kernel", "prefix", src.Prefix(), "destroy_notifications", src.NotifiesDestroy())
+	}
 	return d, nil
 }
 
@@ -223,7 +228,6 @@ func (d *daemon) newUUIDSource() (uuidSource, error) {
 	if err != nil {
 		return nil, fmt.Errorf("-uuid-prefix-file=%s: %w", d.cfg.UUIDPrefixFile, err)
 	}
-	d.log.Info("standalone: UUIDs from the kernel", "prefix", src.Prefix(), "destroy_notifications", src.NotifiesDestroy())
 	return src, nil
 }
 
