@@ -92,6 +92,8 @@ type Config struct {
 	// syncedDir is the date directory whose parents were last synced
 	// (syncParents), so that they are synced once, not for every file.
 	syncedDir atomic.Pointer[string]
+	// committer publishes the files durably, in groups (with Sync).
+	committer *committer
 
 	once    sync.Once
 	missed  [numStates]prometheus.Counter
@@ -117,6 +119,7 @@ type DropCounter interface {
 // New calls it; calling it again does nothing.
 func (c *Config) Init() {
 	c.once.Do(func() {
+		c.committer = newCommitter(func(dir string) error { return c.syncDirs(dir, dateDir(time.Time{})) })
 		if c.MaxBacklog <= 0 {
 			c.MaxBacklog = DefaultMaxBacklog
 		}
@@ -487,27 +490,22 @@ func (s *Saver) finish(why ending) {
 	}
 	s.setState(Publishing)
 	path := filepath.Join(s.dirPath, s.uuid+".pcap.gz")
-	if err := linkFile(s.file, path, s.cfg.Sync); err != nil {
+	if err := s.publish(path); err != nil {
 		var se *syncError
-		st := LinkError
+		var lns *linkedNotSynced
+		st, msg := LinkError, "publish file"
 		switch {
 		case errors.Is(err, unix.EEXIST):
 			st = ExistsError
+		case errors.As(err, &lns):
+			// The file is whole but its name may not survive a power
+			// loss: count it, like a close error.
+			st, msg = WriteError, "sync directory"
 		case errors.As(err, &se):
 			st = WriteError // an I/O error: the file was not linked
 		}
-		s.fail(st, "publish file", err)
+		s.fail(st, msg, err)
 		return
-	}
-	if s.cfg.Sync {
-		// The name is durable before the uploader hears of it (the close
-		// below).
-		if err := s.cfg.syncDirs(s.dirPath, dateDir(s.opened)); err != nil {
-			// The file is whole but its name may not survive a power
-			// loss: count it, like a close error.
-			s.fail(WriteError, "sync directory", err)
-			return
-		}
 	}
 	err = s.file.Close()
 	s.file = nil
@@ -524,6 +522,17 @@ func (s *Saver) finish(why ending) {
 	s.cfg.countRecord(rec)
 	s.setState(Discarding)
 	s.cfg.Log.Debug("published", "uuid", s.uuid, "flow", s.flow, "path", path, "packets", s.w.records, "bytes", s.w.out.n)
+}
+
+// publish gives the finished file its name. With Config.Sync, the
+// committer makes it durable first, and its name after, in a group with the
+// other files that finish about then (durable.go); the name is durable
+// before the uploader hears of it (the close that follows).
+func (s *Saver) publish(path string) error {
+	if !s.cfg.Sync {
+		return linkFile(s.file, path, false)
+	}
+	return s.cfg.committer.publish(s.file, path, s.dirPath)
 }
 
 // syncDirs syncs dir, the date directory rel under c.Dir, and the first
