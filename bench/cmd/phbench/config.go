@@ -124,6 +124,12 @@ type Config struct {
 	FlowTimeout time.Duration `json:"flowtimeout_ns"`
 	Settle      time.Duration `json:"settle_ns"`
 	DaemonFlags []string      `json:"daemon_flags,omitempty"`
+	// AllInterfaces runs the daemon without -interface: one socket for
+	// every interface of the server namespace.
+	AllInterfaces bool `json:"all_interfaces,omitempty"`
+	// IdleInterfaces is the number of idle veth pairs added to the
+	// server namespace (a host with many interfaces).
+	IdleInterfaces int `json:"idle_interfaces,omitempty"`
 }
 
 // Bounds that keep every run finite. Connection counts stay under the
@@ -161,6 +167,8 @@ func newFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.StringVar(&c.WorkDir, "workdir", "", "where run directories (captures, logs) are made (default: $TMPDIR)")
 	fs.StringVar(&c.DataDir, "datadir", "", "where the daemon's data directory is made (default: in the run directory). The file system matters: on ext4 without a journal, creating each file's inode dominates the daemon's CPU under churn")
 	fs.DurationVar(&c.FlowTimeout, "flowtimeout", 0, "the daemon's -flowtimeout (default: 1s; concurrent 10m, so that idle flows stay open)")
+	fs.BoolVar(&c.AllInterfaces, "allinterfaces", false, "run the daemon without -interface (one capture socket for every interface of the server namespace)")
+	fs.IntVar(&c.IdleInterfaces, "idleinterfaces", 0, "idle veth pairs added to the server namespace, up to 500 (a host with many interfaces; use with -allinterfaces)")
 	fs.DurationVar(&c.Settle, "settle", 2*time.Second, "wait after the load before reading the daemon's counters, so that the last packets are through")
 	fs.Func("daemonflag", "extra flag for the daemon, e.g. -daemonflag=-stream (repeatable)", func(s string) error {
 		c.DaemonFlags = append(c.DaemonFlags, s)
@@ -230,6 +238,8 @@ func (c *Config) Validate() error {
 		return errors.New("-flowtimeout must be positive")
 	case c.Settle < 0 || c.Settle > time.Minute:
 		return errors.New("-settle must be within 0..1m")
+	case c.IdleInterfaces < 0 || c.IdleInterfaces > 500:
+		return errors.New("-idleinterfaces must be within 0..500")
 	}
 	return nil
 }
@@ -254,6 +264,13 @@ func (c *Config) Summary() string {
 	case Concurrent:
 		load = fmt.Sprintf("%d open flows (opened at %d/s, req %d B, resp %d B)", c.Count, c.Rate, c.Req, c.Resp)
 	}
-	return fmt.Sprintf("%s: %s; %s, offloads %s, source %s, daemon -flowtimeout=%v %s; %d runs",
-		c.Mode, load, ip, off, c.Source, c.FlowTimeout, strings.Join(c.DaemonFlags, " "), c.Runs)
+	ifs := "-interface"
+	if c.AllInterfaces {
+		ifs = "every interface"
+	}
+	if c.IdleInterfaces > 0 {
+		ifs += fmt.Sprintf(", %d idle veth pairs", c.IdleInterfaces)
+	}
+	return fmt.Sprintf("%s: %s; %s, offloads %s, source %s, daemon on %s, -flowtimeout=%v %s; %d runs",
+		c.Mode, load, ip, off, c.Source, ifs, c.FlowTimeout, strings.Join(c.DaemonFlags, " "), c.Runs)
 }

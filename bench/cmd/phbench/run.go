@@ -172,14 +172,20 @@ func (s *runState) start(ctx context.Context, cleanup *stack) error {
 			return err
 		}
 	}
-	args := []string{
-		"-interface=" + tp.ServerIf,
-		"-datadir=" + s.dataDir,
-		"-flowtimeout=" + cfg.FlowTimeout.String(),
+	if err := addIdleInterfaces(tp.Server, cfg.IdleInterfaces); err != nil {
+		return err
+	}
+	var args []string
+	if !cfg.AllInterfaces {
+		args = append(args, "-interface="+tp.ServerIf)
+	}
+	args = append(args,
+		"-datadir="+s.dataDir,
+		"-flowtimeout="+cfg.FlowTimeout.String(),
 		// Longer than any run, so that no flow is cut short.
 		"-captureduration=1h",
-		"-prometheusx.listen-address=" + daemonProm,
-	}
+		"-prometheusx.listen-address="+daemonProm,
+	)
 	if cfg.Source == TCPInfo {
 		args = append(args, "-tcpinfo.eventsocket="+sock)
 	} else {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os/exec"
+	"strings"
 
 	"github.com/m-lab/packet-headers/internal/topo"
 )
@@ -24,6 +25,24 @@ func newTopology(id string, offloads bool, cleanup *stack) (*topo.Topology, erro
 	}
 	cleanup.push("delete namespaces "+tp.Server+" and "+tp.Client, tp.Close)
 	return tp, nil
+}
+
+// addIdleInterfaces adds n idle veth pairs, up, to namespace ns, with one
+// ip -batch; they go with the namespace.
+func addIdleInterfaces(ns string, n int) error {
+	if n <= 0 {
+		return nil
+	}
+	var b strings.Builder
+	for i := range n {
+		fmt.Fprintf(&b, "link add idla%d type veth peer name idlb%d\nlink set idla%d up\nlink set idlb%d up\n", i, i, i, i)
+	}
+	cmd := exec.Command("ip", "-n", ns, "-batch", "-")
+	cmd.Stdin = strings.NewReader(b.String())
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("add %d idle interfaces: %v: %s", n, err, out)
+	}
+	return nil
 }
 
 // linkStats are an interface's kernel counters.
