@@ -51,21 +51,16 @@ import (
 
 // Defaults of the capture settings.
 const (
-	// DefaultBufferSize is the kernel capture ring of the socket on one
-	// named interface. libpcap's default is 2 MiB, about 7,000 packets of
-	// 300 bytes (snaplen 256 plus the ring's per-packet overhead): 25 ms at
-	// 300,000 packets/s, less than one scheduling hiccup of a busy two-core
-	// host, so the original lost packets in bursts. Measured with the live
-	// benchmark (4 bulk streams, about 500,000 packets/s on 2 cores,
-	// BENCHMARKS.md): 32 MiB still dropped 41,000-110,000 packets a run,
-	// 64 MiB and 128 MiB none. The kernel allocates the whole ring when the
-	// socket opens, and it counts in the daemon's resident memory.
+	// DefaultBufferSize is the kernel capture ring per socket. libpcap's
+	// default is 2 MiB, about 7,000 packets of 300 bytes (snaplen 256 plus
+	// the ring's per-packet overhead): 25 ms at 300,000 packets/s, less than
+	// one scheduling hiccup of a busy two-core host, so the original lost
+	// packets in bursts. Measured with the live benchmark (4 bulk streams,
+	// about 280,000 packets/s on 2 cores, BENCHMARKS.md): 32 MiB still
+	// dropped 41,000-110,000 packets a run, 64 MiB and 128 MiB none. The
+	// kernel allocates the whole ring when the socket opens, and it counts
+	// in the daemon's resident memory.
 	DefaultBufferSize = 64 << 20
-	// DefaultAnyBufferSize is the ring of the socket on every interface.
-	// It serves every interface, and in the same benchmark (with 100
-	// interfaces, the load generator on the same two cores) 64 MiB dropped
-	// packets in 4 of 9 runs (up to 4.75% of one), 128 MiB in none of 3.
-	DefaultAnyBufferSize = 128 << 20
 	// DefaultTimeout is the kernel's block timeout: the longest a packet
 	// waits in a ring block that is not full before the block is handed to
 	// the capture goroutine. It costs no CPU while no packet comes (the
@@ -84,9 +79,7 @@ const (
 type Config struct {
 	// Snaplen is the most bytes captured per packet (-maxheadersize).
 	Snaplen int
-	// BufferSize is the kernel ring size in bytes; 0 means
-	// DefaultAnyBufferSize for the socket on every interface and
-	// DefaultBufferSize for a named interface's.
+	// BufferSize is the kernel ring size in bytes.
 	BufferSize int
 	// Timeout is the kernel's block timeout; see DefaultTimeout.
 	Timeout time.Duration
@@ -163,14 +156,7 @@ func Open(name string, prog []unix.SockFilter, cfg *Config) (*Interface, error) 
 		}
 		ifindex = ifc.Index
 	}
-	size := cfg.BufferSize
-	if size <= 0 {
-		size = DefaultBufferSize
-		if ifindex == 0 {
-			size = DefaultAnyBufferSize
-		}
-	}
-	s, err := openPacketSocket(ifindex, size, cfg.timeout(), prog)
+	s, err := openPacketSocket(ifindex, cfg.BufferSize, cfg.timeout(), prog)
 	if err != nil {
 		return nil, fmt.Errorf("open capture on %s: %w", name, err)
 	}

@@ -41,13 +41,7 @@ func memoryBudget(t *testing.T, daemon *program, args []string, limit int64) (st
 	}
 	heap, err1 := size("maxheap")
 	idle, err2 := size("maxidleram")
-	var ring int64
-	var err3 error
-	if v, ok := flagValue(args, "capture.buffersize"); ok {
-		if ring, err3 = parseByteSize(v); err3 != nil {
-			err3 = fmt.Errorf("-capture.buffersize=%s: %w", v, err3)
-		}
-	}
+	ring, err3 := size("capture.buffersize")
 	if err := errors.Join(err1, err2, err3); err != nil {
 		return "", err
 	}
@@ -60,14 +54,6 @@ func memoryBudget(t *testing.T, daemon *program, args []string, limit int64) (st
 	for _, a := range args {
 		if v, ok := strings.CutPrefix(strings.TrimLeft(a, "-"), "interface="); ok {
 			sockets += int64(len(strings.Split(v, ",")))
-		}
-	}
-	if ring == 0 {
-		// The daemon's defaults (capture.DefaultAnyBufferSize and
-		// DefaultBufferSize).
-		ring = 64 << 20
-		if sockets == 0 {
-			ring = 128 << 20
 		}
 	}
 	sockets = max(sockets, 1)

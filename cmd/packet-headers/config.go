@@ -13,6 +13,7 @@ import (
 	"github.com/m-lab/go/flagx"
 
 	"github.com/m-lab/packet-headers/anonymize"
+	"github.com/m-lab/packet-headers/capture"
 	"github.com/m-lab/packet-headers/demuxer"
 	"github.com/m-lab/packet-headers/kernelsource"
 	"github.com/m-lab/packet-headers/saver"
@@ -61,6 +62,7 @@ func newFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 		PromListen:      ":9990",
 		SigtermWait:     time.Second,
 		UUIDWait:        5 * time.Second,
+		CaptureBuffer:   capture.DefaultBufferSize,
 		PollInterval:    10 * time.Millisecond,
 		LogLevel:        "info",
 		GzipLevel:       saver.DefaultLevel,
@@ -83,7 +85,7 @@ func newFlagSet(c *Config, out io.Writer) *flag.FlagSet {
 	fs.BoolVar(&c.Fsync, "fsync", c.Fsync, "Sync each file to disk before giving it its name, and its directory after, so that a power loss never leaves an empty or partial file under a final name and every file published survives. false saves an fsync of the file and one of its directory per file.")
 	fs.StringVar(&c.EventSocket, "tcpinfo.eventsocket", "", "The filename of the unix-domain socket on which events are served. If unset, UUIDs come from the kernel directly (standalone mode).")
 	fs.DurationVar(&c.UUIDWait, "uuidwaitduration", c.UUIDWait, "Wait up to uuidwaitduration for each flow before either assigning a UUID or discarding all future packets. This prevents buffering unsaveable packets.")
-	fs.Var(&c.CaptureBuffer, "capture.buffersize", "The kernel capture ring of each capture socket. A larger ring rides out longer bursts without dropping packets. (default 128MiB for the socket on every interface, 64MiB per -interface)")
+	fs.Var(&c.CaptureBuffer, "capture.buffersize", "The kernel capture ring per interface. A larger ring rides out longer bursts without dropping packets.")
 	fs.StringVar(&c.UUIDPrefixFile, "uuid-prefix-file", "", "The file holding the UUID prefix for sockets created in this network namespace (standalone mode; as tcp-info's flag of the same name).")
 	fs.DurationVar(&c.PollInterval, "uuidsource.pollinterval", c.PollInterval, "How often the built-in UUID source polls the kernel for new sockets while a captured flow waits for its UUID (standalone mode).")
 	fs.StringVar(&c.LogLevel, "log.level", c.LogLevel, "The least important log level printed: debug, info, warn or error.")
@@ -180,7 +182,7 @@ func (c *Config) Validate() error {
 	if c.MaxFlows < 0 {
 		errs = append(errs, fmt.Errorf("-maxflows=%d: must not be negative", c.MaxFlows))
 	}
-	if c.CaptureBuffer != 0 && c.CaptureBuffer < 64<<10 {
+	if c.CaptureBuffer < 64<<10 {
 		errs = append(errs, fmt.Errorf("-capture.buffersize=%v: must be at least 64KiB", c.CaptureBuffer))
 	}
 	if c.DataDir == "" {
