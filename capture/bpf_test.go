@@ -256,3 +256,13 @@ func TestRealSocketOnLoopback(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestFilterAddrs: loopback and link-local addresses, whose flows are never
+// named, stay out of the filter.
+func TestFilterAddrs(t *testing.T) {
+	got := filterAddrs(addrs("127.0.0.1", "::1", "fe80::1", "169.254.1.1", "198.18.0.1", "2001:db8::1"))
+	want := addrs("198.18.0.1", "2001:db8::1")
+	if len(got) != len(want) || got[0] != want[0] || got[1] != want[1] {
+		t.Errorf("filterAddrs = %v, want %v", got, want)
+	}
+}

@@ -38,7 +38,8 @@ type Manager struct {
 	active   map[string]*Interface
 	failed   map[string]bool // interfaces whose last open failed, to log once
 	covered  []string        // interfaces the captures cover
-	addrs    []netip.Addr
+	allAddrs []netip.Addr // every address of the host
+	addrs    []netip.Addr // those in the filter (filterAddrs)
 	exclude  []int
 	prog     []unix.SockFilter
 	scanned  bool
@@ -141,6 +142,22 @@ func links() ([]link, error) {
 	return ls, nil
 }
 
+// filterAddrs returns the addresses whose TCP the socket filter keeps:
+// every address of the host but loopback and link-local ones, which
+// tcp-info never names (nor the standalone source), so that their packets
+// could never be saved. On a host with a hundred veths that leaves out a
+// hundred IPv6 link-local addresses, nine instructions each per direction,
+// and the filter's recompilation whenever one appears.
+func filterAddrs(addrs []netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range addrs {
+		if !a.IsLoopback() && !a.IsLinkLocalUnicast() {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
 func trimNUL(b []byte) []byte {
 	if i := slices.Index(b, 0); i >= 0 {
 		return b[:i]
@@ -220,17 +237,18 @@ func (m *Manager) scan(start bool) error {
 	if m.stopping {
 		return nil
 	}
-	if !m.scanned || !slices.Equal(addrs, m.addrs) || !slices.Equal(exclude, m.exclude) {
-		if !m.scanned || !slices.Equal(addrs, m.addrs) {
-			if m.onAddrs != nil {
-				m.onAddrs(addrs)
-			}
+	if !m.scanned || !slices.Equal(addrs, m.allAddrs) {
+		if m.onAddrs != nil {
+			m.onAddrs(addrs)
 		}
+		m.allAddrs = addrs
+	}
+	if faddrs := filterAddrs(addrs); !m.scanned || !slices.Equal(faddrs, m.addrs) || !slices.Equal(exclude, m.exclude) {
 		m.scanned = true
-		m.addrs, m.exclude = addrs, exclude
-		prog, all := filterProgram(addrs, exclude, m.cfg.Snaplen)
+		m.addrs, m.exclude = faddrs, exclude
+		prog, all := filterProgram(faddrs, exclude, m.cfg.Snaplen)
 		if !all {
-			m.cfg.Log.Warn("too many addresses for the socket filter; capturing all TCP", "addresses", len(addrs))
+			m.cfg.Log.Warn("too many addresses for the socket filter; capturing all TCP", "addresses", len(faddrs))
 		}
 		m.prog = prog
 		for _, c := range m.active {
