@@ -38,8 +38,8 @@ type Manager struct {
 	active   map[string]*Interface
 	failed   map[string]bool // interfaces whose last open failed, to log once
 	covered  []string        // interfaces the captures cover
-	allAddrs []netip.Addr // every address of the host
-	addrs    []netip.Addr // those in the filter (filterAddrs)
+	allAddrs []netip.Addr    // every address of the host
+	addrs    []netip.Addr    // those in the filter (filterAddrs)
 	exclude  []int
 	prog     []unix.SockFilter
 	scanned  bool
