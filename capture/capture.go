@@ -396,11 +396,13 @@ func (c *Interface) socketError() error {
 }
 
 // readRing parses every packet of every block the kernel has handed over,
-// sending full batches to out. It returns the number of packets read.
+// sending full batches to out, at most one pass over the ring, so that under
+// a load that refills the ring as fast as it is read the loop still gets to
+// its mailbox (a stop, a filter). It returns the number of packets read.
 func (c *Interface) readRing(out chan<- *flow.Batch) int {
 	read := 0
 	nblocks := c.src.blocks()
-	for {
+	for range nblocks {
 		blk := c.src.block(c.cur)
 		if !blockReady(blk) {
 			return read
@@ -422,6 +424,7 @@ func (c *Interface) readRing(out chan<- *flow.Batch) int {
 			c.cur = 0
 		}
 	}
+	return read
 }
 
 // packet builds the packet whose tpacket3_hdr starts h into the batch's

@@ -41,6 +41,9 @@ type fakeRing struct {
 	err      error
 	misuse   atomic.Bool
 	released atomic.Int64
+	// refill, if set, is called after each release, like a kernel that
+	// fills the ring as fast as it is read.
+	refill func()
 }
 
 func newFakeRing(t *testing.T, nblocks int) *fakeRing {
@@ -153,6 +156,11 @@ func (f *fakeRing) release(i int) {
 		if _, err := unix.Read(f.evfd, buf[:]); err != nil && !errors.Is(err, unix.EAGAIN) {
 			f.t.Error(err)
 		}
+	}
+	if f.refill != nil {
+		f.mu.Unlock()
+		f.refill()
+		f.mu.Lock()
 	}
 }
 
@@ -328,6 +336,32 @@ func TestFullBatchesUnderLoad(t *testing.T) {
 	}
 	if next != 300 || sizes[0] != flow.BatchSize {
 		t.Errorf("delivered %d packets in batches %v", next, sizes)
+	}
+}
+
+// TestReadRingOnePassAtATime: a ring the kernel refills as fast as it is
+// read is read one pass at a time, so that the capture still gets to a stop
+// or a filter change (it once read such a ring for as long as the load
+// lasted).
+func TestReadRingOnePassAtATime(t *testing.T) {
+	raws := testPackets(t)
+	ring := newFakeRing(t, 4)
+	for i := range 4 {
+		ring.deliver(ether(raws[0], time.Unix(int64(i), 0)))
+	}
+	refills := 0
+	ring.refill = func() {
+		if refills < 1000 { // bounded: the test ends either way
+			refills++
+			ring.deliver(ether(raws[0], time.Unix(0, 0)))
+		}
+	}
+	c, _ := newTestInterface(t, ring, time.Millisecond)
+	defer c.Close()
+	c.batch = flow.GetBatch()
+	out := make(chan *flow.Batch, 100)
+	if n := c.readRing(out); n != 4 {
+		t.Errorf("one call read %d packets, want one pass over the 4 blocks", n)
 	}
 }
 
