@@ -3,6 +3,7 @@ package main
 import (
 	"log/slog"
 	"slices"
+	"strings"
 
 	"github.com/m-lab/packet-headers/capture"
 	phmetrics "github.com/m-lab/packet-headers/metrics"
@@ -40,5 +41,12 @@ func saverConfig(cfg *Config, dir string, anon saver.Anonymizer, drops saver.Dro
 }
 
 // recordVersion is the version in the capture records: "v1.2.3+abc1234"
-// (the release, and the commit as -version prints it).
-func recordVersion() string { return version + "+" + commit() }
+// (the release, and the commit as -version prints it), or the version alone
+// when it names the commit already (git describe's "v1.2.3-4-gabc1234").
+func recordVersion() string {
+	c := commit()
+	if strings.Contains(version, c) {
+		return version
+	}
+	return version + "+" + c
+}
