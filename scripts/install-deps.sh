@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
 # Installs what building and testing packet-headers needs on a Debian host,
-# skipping what is already there: libpcap-dev (cgo), tcpdump (the tests read
+# skipping what is already there: gcc (the race detector's cgo), tcpdump (the tests read
 # the files back with it and take reference captures), iproute2 and ethtool
 # (the network-namespace tests), and prometheus (its promtool checks the
 # alert rules).
 set -euo pipefail
 
 need=()
-dpkg -s libpcap-dev >/dev/null 2>&1 || need+=(libpcap-dev)
 command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ethtool >/dev/null 2>&1 || need+=(ethtool)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v setcap >/dev/null 2>&1 || need+=(libcap2-bin)
-command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
