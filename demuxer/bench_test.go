@@ -44,12 +44,12 @@ func newPipeline(tb testing.TB, flows int, stream bool) *pipeline {
 	d := New(Config{
 		FlowTimeout: time.Hour,
 		UUIDWait:    time.Hour,
-		Saver: &saver.Config{
+		Savers: saver.NewPool(saver.Config{
 			Dir:             tb.TempDir(),
 			CaptureDuration: 24 * time.Hour,
 			Stream:          stream,
 			Metrics:         m,
-		},
+		}),
 		Metrics: m,
 	})
 	p := &pipeline{d: d, m: m, raws: rawPackets(tb, "large-ndt.pcap"), flows: flows}

@@ -67,6 +67,16 @@ import (
 // events channel.
 type Open = flow.Named
 
+// Savers is what the demuxer needs of the savers' side: *saver.Pool.
+type Savers interface {
+	// New creates the saver of the flow named uuid, whose Open event is
+	// dated opened; flow describes it in logs.
+	New(uuid string, opened time.Time, flow slog.LogValuer) *saver.Saver
+	// CountNoPackets counts a named flow that ended without a packet, as
+	// its saver would.
+	CountNoPackets()
+}
+
 // Defaults for the limits that have no flag of the original's.
 const (
 	// DefaultMaxPending bounds the flows waiting for a UUID. A pending flow
@@ -115,7 +125,8 @@ type Config struct {
 	// means DefaultMaxPendingPackets.
 	MaxPendingPackets int
 
-	Saver   *saver.Config
+	// Savers starts the saver of each named flow (a *saver.Pool).
+	Savers  Savers
 	Metrics *phmetrics.Metrics
 	Log     *slog.Logger
 	// LogKey formats a flow for logs (for example with anonymized
@@ -257,7 +268,6 @@ func New(cfg Config) *Demuxer {
 	if cfg.LogKey == nil {
 		cfg.LogKey = flow.Key.String
 	}
-	cfg.Saver.Init()
 	m := cfg.Metrics
 	d := &Demuxer{
 		cfg:   cfg,
@@ -544,7 +554,7 @@ func (d *Demuxer) pick(e *entry, p *flow.Packet, fl byte) {
 	cands = append(cands, e.x.next...)
 	i := pickIndex(len(cands), func(i int) time.Time { return cands[i].Time }, p.Time, fl&tcpSYN != 0)
 	for range i {
-		d.cfg.Saver.CountNoPackets()
+		d.cfg.Savers.CountNoPackets()
 	}
 	e.named = &cands[i]
 	e.x.next = cands[i+1:]
@@ -630,7 +640,7 @@ func (d *Demuxer) Open(ev Open) {
 			// perhaps not captured, and ev is its UUID after all.
 			d.name(e, ev)
 		default:
-			d.cfg.Saver.CountNoPackets()
+			d.cfg.Savers.CountNoPackets()
 		}
 	case e.pending && !e.conn.refused():
 		d.name(e, ev)
@@ -680,7 +690,7 @@ func (d *Demuxer) queue(e *entry, ev Open) {
 		e.x = &reuse{}
 	}
 	if len(e.x.next) == maxQueued {
-		d.cfg.Saver.CountNoPackets()
+		d.cfg.Savers.CountNoPackets()
 		copy(e.x.next, e.x.next[1:])
 		e.x.next = e.x.next[:maxQueued-1]
 	}
@@ -709,7 +719,7 @@ func (d *Demuxer) nameEarlier(e *entry, ev Open) bool {
 		}
 		if !r.pending {
 			// r was named, or dropped at its deadline: ev is late.
-			d.cfg.Saver.CountNoPackets()
+			d.cfg.Savers.CountNoPackets()
 			return true
 		}
 		d.name(r, ev)
@@ -722,7 +732,7 @@ func (d *Demuxer) nameEarlier(e *entry, ev Open) bool {
 }
 
 func (d *Demuxer) startSaver(e *entry, ev Open) {
-	e.saver = saver.New(d.cfg.Saver, ev.UUID, ev.Time, flowLog{ev.Key, d.cfg.LogKey})
+	e.saver = d.cfg.Savers.New(ev.UUID, ev.Time, flowLog{ev.Key, d.cfg.LogKey})
 	e.saver.MissedPending(uint64(e.missed))
 	e.missed = 0 // the entry may serve a later connection on its 4-tuple
 	d.wg.Go(e.saver.Run)
@@ -800,7 +810,7 @@ func (d *Demuxer) finish(e *entry) {
 	case e.saver != nil:
 		e.saver.Close()
 	case e.named != nil:
-		d.cfg.Saver.CountNoPackets()
+		d.cfg.Savers.CountNoPackets()
 	case e.pending:
 		d.dropPending(e, d.droppedWait)
 	}
@@ -813,7 +823,7 @@ func (d *Demuxer) countQueued(e *entry) {
 		return
 	}
 	for range e.x.next {
-		d.cfg.Saver.CountNoPackets()
+		d.cfg.Savers.CountNoPackets()
 	}
 	e.x.next = nil
 }

@@ -68,11 +68,11 @@ func newHarness(t *testing.T, tweak func(*Config)) *harness {
 	cfg := Config{
 		FlowTimeout: 30 * time.Second,
 		UUIDWait:    5 * time.Second,
-		Saver: &saver.Config{
+		Savers: saver.NewPool(saver.Config{
 			Dir:             h.dir,
 			CaptureDuration: time.Hour,
 			Metrics:         h.m,
-		},
+		}),
 		Metrics: h.m,
 	}
 	if tweak != nil {
@@ -284,7 +284,7 @@ func TestRunTimers(t *testing.T) {
 		d := New(Config{
 			FlowTimeout: 30 * time.Second,
 			UUIDWait:    4 * time.Second,
-			Saver:       &saver.Config{Dir: t.TempDir(), CaptureDuration: time.Hour, Metrics: m},
+			Savers:      saver.NewPool(saver.Config{Dir: t.TempDir(), CaptureDuration: time.Hour, Metrics: m}),
 			Metrics:     m,
 		})
 		packets, events, done := make(chan *flow.Batch), make(chan Open), make(chan struct{})
@@ -474,7 +474,7 @@ func TestOpensWaitingAtShutdownNameTheirFlows(t *testing.T) {
 		d := New(Config{
 			FlowTimeout: time.Hour,
 			UUIDWait:    time.Hour,
-			Saver:       &saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m},
+			Savers:      saver.NewPool(saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m}),
 			Metrics:     m,
 		})
 		pkts := readPackets(t, "v4.pcap")

@@ -25,7 +25,7 @@ func manualDemuxer(t *testing.T, tweak func(*Config)) (*Demuxer, *metrics.Metric
 	dir := t.TempDir()
 	cfg := Config{
 		FlowTimeout: time.Hour, UUIDWait: time.Hour,
-		Saver:   &saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m},
+		Savers:  saver.NewPool(saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m}),
 		Metrics: m,
 	}
 	if tweak != nil {

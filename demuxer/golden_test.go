@@ -47,7 +47,7 @@ func replayFile(t *testing.T, name string, dir string) map[string]string {
 	d := New(Config{
 		FlowTimeout: time.Minute,
 		UUIDWait:    time.Minute,
-		Saver:       &saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m},
+		Savers:      saver.NewPool(saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m}),
 		Metrics:     m,
 	})
 	base := strings.TrimSuffix(strings.TrimSuffix(filepath.Base(name), ".gz"), ".pcap")

@@ -23,7 +23,7 @@ func TestRecordCountsPendingMisses(t *testing.T) {
 		FlowTimeout:    time.Minute,
 		UUIDWait:       time.Minute,
 		PendingPackets: 3,
-		Saver:          &saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m},
+		Savers:         saver.NewPool(saver.Config{Dir: dir, CaptureDuration: time.Hour, Metrics: m}),
 		Metrics:        m,
 	})
 	pkts := readPackets(t, "v4.pcap")

@@ -261,7 +261,7 @@ func TestReuseSlow(t *testing.T) {
 // (its capture duration is over, by the packets' timestamps) but the flow
 // is still in the table when the 4-tuple is reused.
 func TestReusePastCaptureDuration(t *testing.T) {
-	d, _, dir := manualDemuxer(t, func(c *Config) { c.Saver.CaptureDuration = time.Minute })
+	d, _, dir := manualDemuxer(t, func(c *Config) { c.Savers.(*saver.Pool).CaptureDuration = time.Minute })
 	c1 := newConn(t, "long1", 1000, 2000, base, "")
 	// Two more packets, 30 s and 90 s in, then the FIN exchange.
 	sec := int64(time.Second)

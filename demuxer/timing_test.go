@@ -7,6 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/m-lab/packet-headers/flow"
+	"github.com/m-lab/packet-headers/saver"
 )
 
 // fakeClock makes d's clock read epoch+*offset (the test goroutine sets
@@ -125,7 +126,7 @@ func TestUUIDWaitFromArrival(t *testing.T) {
 // flow's packets captured over 12 s and handed over at once, after a wait
 // for the UUID, give a file with the first 10 s (the capture duration).
 func TestCaptureDurationByTimestamps(t *testing.T) {
-	h := newHarness(t, func(c *Config) { c.Saver.CaptureDuration = 10 * time.Second })
+	h := newHarness(t, func(c *Config) { c.Savers.(*saver.Pool).CaptureDuration = 10 * time.Second })
 	pkts := readPackets(t, "v4.pcap")
 	for i := range pkts {
 		pkts[i].Time = opened.UnixNano() + int64(i)*int64(time.Second)

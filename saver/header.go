@@ -231,7 +231,7 @@ func (s *Saver) rewrite(head []byte) error {
 
 // countRecord exports what a published file's record says: its kernel drops
 // and why it is incomplete.
-func (c *Config) countRecord(r *Record) {
+func (c *Pool) countRecord(r *Record) {
 	if r == nil {
 		return
 	}

@@ -56,7 +56,7 @@ func BenchmarkPublish(b *testing.B) {
 				b.Fatal(err)
 			}
 			dir := filepath.Join(root, rel)
-			cfg := &Config{Dir: root, Sync: m.link}
+			cfg := &Pool{Config: Config{Dir: root, Sync: m.link}}
 			var before, after unix.Rusage
 			if err := unix.Getrusage(unix.RUSAGE_SELF, &before); err != nil {
 				b.Fatal(err)
@@ -145,8 +145,8 @@ func recordSyncs(t *testing.T, final func() string, fail func(isDir bool) error)
 }
 
 // saveFlow runs one saver for uuid over pkts and closes it.
-func saveFlow(cfg *Config, uuid string, pkts []replay.Packet) {
-	s := New(cfg, uuid, opened, nil)
+func saveFlow(pool *Pool, uuid string, pkts []replay.Packet) {
+	s := pool.New(uuid, opened, nil)
 	done := make(chan struct{})
 	go func() { s.Run(); close(done) }()
 	for _, p := range pkts {
@@ -170,7 +170,8 @@ func TestSyncOrder(t *testing.T) {
 			name := DatePath(dir, testUUID, opened)
 			events := recordSyncs(t, func() string { return name }, nil)
 
-			saveFlow(cfg, testUUID, readPackets(t, "v4.pcap"))
+			pool := NewPool(*cfg)
+			saveFlow(pool, testUUID, readPackets(t, "v4.pcap"))
 			date := filepath.Dir(name)
 			want := []syncEvent{
 				{"file", false}, // the data, before the name exists
@@ -186,7 +187,7 @@ func TestSyncOrder(t *testing.T) {
 			// name only.
 			*events = nil
 			name = DatePath(dir, uuid2, opened)
-			saveFlow(cfg, uuid2, readPackets(t, "v4.pcap"))
+			saveFlow(pool, uuid2, readPackets(t, "v4.pcap"))
 			want = []syncEvent{{"file", false}, {date, true}}
 			if diff := cmp.Diff(want, *events); diff != "" {
 				t.Errorf("second file: syncs (-want +got):\n%s", diff)
@@ -205,7 +206,7 @@ func TestSyncOrder(t *testing.T) {
 		dir := t.TempDir()
 		cfg := newConfig(t, dir)
 		events := recordSyncs(t, func() string { return DatePath(dir, testUUID, opened) }, nil)
-		saveFlow(cfg, testUUID, readPackets(t, "v4.pcap"))
+		saveFlow(NewPool(*cfg), testUUID, readPackets(t, "v4.pcap"))
 		if len(*events) != 0 {
 			t.Errorf("syncs without Config.Sync: %v", *events)
 		}
@@ -254,7 +255,7 @@ func TestSyncErrors(t *testing.T) {
 			cfg.Sync = true
 			name := DatePath(dir, testUUID, opened)
 			recordSyncs(t, func() string { return name }, tt.fail)
-			saveFlow(cfg, testUUID, readPackets(t, "v4.pcap"))
+			saveFlow(NewPool(*cfg), testUUID, readPackets(t, "v4.pcap"))
 			if got := testutil.ToFloat64(cfg.Metrics.FilesPublished); got != tt.published {
 				t.Errorf("files published = %v, want %v", got, tt.published)
 			}

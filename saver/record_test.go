@@ -119,7 +119,7 @@ func fileRecord(t *testing.T, path string) (*Record, *gzip.Reader) {
 // saveAll pushes every packet before the saver runs, so that it takes them
 // in one batch: what it counts as missed does not depend on scheduling.
 func saveAll(cfg *Config, uuid string, pkts []replay.Packet, missedPending uint64) *Saver {
-	s := New(cfg, uuid, opened, nil)
+	s := NewPool(*cfg).New(uuid, opened, nil)
 	s.MissedPending(missedPending)
 	for _, p := range pkts {
 		s.Push(p.Packet)
@@ -339,7 +339,7 @@ func TestRecordTruncatedByTheClock(t *testing.T) {
 				dir := t.TempDir()
 				cfg, _ := recordConfig(t, dir, 0)
 				cfg.CaptureDuration = 10 * time.Second
-				s := New(cfg, testUUID, opened, nil)
+				s := NewPool(*cfg).New(testUUID, opened, nil)
 				done := make(chan struct{})
 				go func() { s.Run(); close(done) }()
 				for _, p := range tt.pkts(t) {
@@ -764,7 +764,7 @@ func BenchmarkSmallFiles(b *testing.B) {
 				for k := range 2 {
 					v := (i + k) % 2
 					start := time.Now()
-					s := New(cfgs[v], fmt.Sprintf("ndt-4c6fb_1625899199_%016X", 2*i+v), opened, nil)
+					s := NewPool(*cfgs[v]).New(fmt.Sprintf("ndt-4c6fb_1625899199_%016X", 2*i+v), opened, nil)
 					for _, p := range pkts {
 						s.Push(p.Packet)
 					}
@@ -793,7 +793,7 @@ func BenchmarkRecordHeader(b *testing.B) {
 		Version: "v1.2.3+abc1234", Source: "tcpinfo", Anonymization: "netblock", Interfaces: []string{"any"},
 		Drops: &fakeDrops{},
 	}
-	s := New(cfg, "ndt-4c6fb_1625899199_000000000121C1A0", opened, nil)
+	s := NewPool(*cfg).New("ndt-4c6fb_1625899199_000000000121C1A0", opened, nil)
 	s.w = newPCAPWriter(io.Discard, 94, 1, s.reserveHeader)
 	s.first, s.last = 1700000000123456789, 1700000004000000000
 	b.ReportAllocs()

@@ -9,6 +9,12 @@
 //
 // Each file carries a record of its own capture (Record) in its gzip header,
 // where no reader of the pcap stream sees it.
+//
+// Config is the savers' configuration only. A Pool, built once by the
+// daemon, starts the savers (Pool.New) and owns what they share: the metric
+// series they update, the rate-limited error log, and the committer that
+// makes their files durable in groups (durable.go). The demuxer sees it
+// through its own small interface (demuxer.Savers).
 package saver
 
 import (
@@ -43,8 +49,8 @@ type Anonymizer interface {
 // needs to compress a chunk, so only a saver blocked on the disk fills it.
 const DefaultMaxBacklog = 1 << 16
 
-// Config is shared by all the savers of a daemon. It must not be changed
-// once the first saver is created.
+// Config is the savers' configuration: values and the services they use.
+// NewPool takes a copy.
 type Config struct {
 	// Dir is the data directory. It should be absolute: a relative Dir is
 	// taken relative to the working directory at the time of each write.
@@ -88,6 +94,14 @@ type Config struct {
 	// noRecord writes files without a capture record, as they were before
 	// it: tests and benchmarks compare the two.
 	noRecord bool
+}
+
+// Pool starts the savers of a daemon and owns what they share: their
+// configuration, the metric series they update (resolved once), the
+// rate-limited error log, and the committer that publishes their files
+// durably in groups. The demuxer starts each named flow's saver with New.
+type Pool struct {
+	Config
 
 	// syncedDir is the date directory whose parents were last synced
 	// (syncParents), so that they are synced once, not for every file.
@@ -95,7 +109,6 @@ type Config struct {
 	// committer publishes the files durably, in groups (with Sync).
 	committer *committer
 
-	once    sync.Once
 	missed  [numStates]prometheus.Counter
 	gauges  [numStates]prometheus.Gauge
 	errs    [numStates]prometheus.Counter
@@ -113,40 +126,39 @@ type DropCounter interface {
 	KernelDropsSince(t int64) uint64
 }
 
-// Init resolves the labelled metrics once, so that the per-packet path never
-// hashes label values; it also makes every state's and reason's series exist
-// from the start, so dashboards and alerts see zeros rather than nothing.
-// New calls it; calling it again does nothing.
-func (c *Config) Init() {
-	c.once.Do(func() {
-		c.committer = newCommitter(func(dir string) error { return c.syncDirs(dir, dateDir(time.Time{})) })
-		if c.MaxBacklog <= 0 {
-			c.MaxBacklog = DefaultMaxBacklog
-		}
-		if c.Level < 1 || c.Level > 9 {
-			c.Level = DefaultLevel
-		}
-		if c.Log == nil {
-			c.Log = slog.New(slog.DiscardHandler)
-		}
-		c.initLabels()
-		for _, r := range IncompleteReasons {
-			c.incomplete = append(c.incomplete, c.Metrics.FilesIncomplete.WithLabelValues(r))
-		}
-	})
+// NewPool returns the pool of savers configured by cfg. It resolves the
+// labelled metrics once, so that the per-packet path never hashes label
+// values; it also makes every state's and reason's series exist from the
+// start, so dashboards and alerts see zeros rather than nothing.
+func NewPool(cfg Config) *Pool {
+	c := &Pool{Config: cfg}
+	c.committer = newCommitter(func(dir string) error { return c.syncDirs(dir, dateDir(time.Time{})) })
+	if c.MaxBacklog <= 0 {
+		c.MaxBacklog = DefaultMaxBacklog
+	}
+	if c.Level < 1 || c.Level > 9 {
+		c.Level = DefaultLevel
+	}
+	if c.Log == nil {
+		c.Log = slog.New(slog.DiscardHandler)
+	}
+	c.initLabels()
+	for _, r := range IncompleteReasons {
+		c.incomplete = append(c.incomplete, c.Metrics.FilesIncomplete.WithLabelValues(r))
+	}
+	return c
 }
 
 // CountNoPackets counts a flow that was named but ended without a packet, as
 // its saver would (pcap_saver_errors_total{reason="nopackets"}), for flows
 // whose saver was never started.
-func (c *Config) CountNoPackets() {
-	c.Init()
+func (c *Pool) CountNoPackets() {
 	c.errs[NoPacketsError].Inc()
 }
 
 // logError logs at most one saver error a second across all savers: when the
 // disk is full every flow fails, and the counters say how many.
-func (c *Config) logError(s *Saver, msg string, err error) {
+func (c *Pool) logError(s *Saver, msg string, err error) {
 	now := time.Now().UnixNano()
 	last := c.lastLog.Load()
 	if now-last < int64(time.Second) || !c.lastLog.CompareAndSwap(last, now) {
@@ -159,7 +171,7 @@ func (c *Config) logError(s *Saver, msg string, err error) {
 // demuxer); Run is the saver's own goroutine. State is safe to call from
 // anywhere.
 type Saver struct {
-	cfg    *Config
+	cfg    *Pool
 	uuid   string
 	opened time.Time
 	// flow describes the flow in logs. It is a LogValuer so that the
@@ -215,8 +227,7 @@ const (
 // New creates the saver of the flow named uuid, whose Open event has the
 // timestamp opened (it dates the file's directory); flow, if not nil,
 // describes the flow in its log lines. Start it with go s.Run().
-func New(cfg *Config, uuid string, opened time.Time, flow slog.LogValuer) *Saver {
-	cfg.Init()
+func (cfg *Pool) New(uuid string, opened time.Time, flow slog.LogValuer) *Saver {
 	if flow == nil {
 		flow = noFlow{}
 	}
@@ -537,7 +548,7 @@ func (s *Saver) publish(path string) error {
 
 // syncDirs syncs dir, the date directory rel under c.Dir, and the first
 // time, the date directories above it (see syncParents).
-func (c *Config) syncDirs(dir, rel string) error {
+func (c *Pool) syncDirs(dir, rel string) error {
 	if err := syncDir(dir); err != nil {
 		return err
 	}

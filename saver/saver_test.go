@@ -114,7 +114,7 @@ func expected(pkts []replay.Packet, snaplen int) []record {
 
 // runSaver pushes pkts through a saver and closes it.
 func runSaver(cfg *Config, pkts []replay.Packet) *Saver {
-	s := New(cfg, testUUID, opened, nil)
+	s := NewPool(*cfg).New(testUUID, opened, nil)
 	done := make(chan struct{})
 	go func() { s.Run(); close(done) }()
 	for _, p := range pkts {
@@ -227,7 +227,7 @@ func TestCaptureDurationClockPublishes(t *testing.T) {
 		dir := t.TempDir()
 		cfg := newConfig(t, dir)
 		cfg.CaptureDuration = 10 * time.Second
-		s := New(cfg, testUUID, opened, nil)
+		s := NewPool(*cfg).New(testUUID, opened, nil)
 		done := make(chan struct{})
 		go func() { s.Run(); close(done) }()
 		for _, p := range readPackets(t, "v4.pcap") {
@@ -420,7 +420,7 @@ func TestBacklogFullCountsMissed(t *testing.T) {
 	cfg := newConfig(t, dir)
 	cfg.MaxBacklog = 5
 	pkts := readPackets(t, "v4.pcap")
-	s := New(cfg, testUUID, opened, nil)
+	s := NewPool(*cfg).New(testUUID, opened, nil)
 	// Run is not started yet, so the backlog fills.
 	for _, p := range pkts[:7] {
 		s.Push(p.Packet)
@@ -493,7 +493,7 @@ func BenchmarkSaver(b *testing.B) {
 			// A backlog that holds every packet: the benchmark measures the
 			// saver's throughput, not what it drops when it falls behind.
 			cfg := &Config{Dir: b.TempDir(), CaptureDuration: time.Hour, Stream: stream, MaxBacklog: b.N + 1, Metrics: metrics.New(prometheus.NewRegistry())}
-			s := New(cfg, testUUID, opened, nil)
+			s := NewPool(*cfg).New(testUUID, opened, nil)
 			done := make(chan struct{})
 			go func() { s.Run(); close(done) }()
 			b.ReportAllocs()

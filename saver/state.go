@@ -128,7 +128,7 @@ func finalReason(stream bool) string {
 
 // initLabels resolves the savers' labelled series (see Init) and creates the
 // series of every label value of the original.
-func (c *Config) initLabels() {
+func (c *Pool) initLabels() {
 	m := c.Metrics
 	for s := State(0); s < numStates; s++ {
 		c.missed[s] = m.MissedPackets.WithLabelValues(s.String())

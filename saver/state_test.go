@@ -54,8 +54,7 @@ func TestErrorReasons(t *testing.T) {
 			{LinkError, []string{"link", final}},
 			{ExistsError, []string{"exists", final}},
 		} {
-			c := &Config{Metrics: metrics.New(prometheus.NewRegistry()), Stream: stream}
-			c.Init()
+			c := NewPool(Config{Metrics: metrics.New(prometheus.NewRegistry()), Stream: stream})
 			c.errs[tt.s].Inc()
 			for _, r := range reasons {
 				want := 0.0

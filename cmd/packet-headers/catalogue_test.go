@@ -112,7 +112,7 @@ func TestMetricCatalogue(t *testing.T) {
 		demuxer.New(demuxer.Config{
 			FlowTimeout: time.Minute,
 			UUIDWait:    time.Second,
-			Saver:       &saver.Config{Dir: t.TempDir(), CaptureDuration: time.Minute, Metrics: m},
+			Savers:      saver.NewPool(saver.Config{Dir: t.TempDir(), CaptureDuration: time.Minute, Metrics: m}),
 			Metrics:     m,
 		})
 		tcpeventsocket.New(filepath.Join(t.TempDir(), "none.sock"), tcpeventsocket.Opens(make(chan flow.Named)), m, nil)

@@ -50,7 +50,7 @@ func writeFlow(t *testing.T, dir string, args []string, uuid, capture string, dr
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := saver.New(sc, uuid, opened, nil)
+	s := saver.NewPool(*sc).New(uuid, opened, nil)
 	for _, p := range pkts {
 		s.Push(p.Packet)
 	}

@@ -180,7 +180,7 @@ func newDaemon(ctx context.Context, cfg *Config, log *slog.Logger, reg *promethe
 		MaxFlows:    cfg.MaxFlows,
 		MaxPending:  cfg.MaxPending,
 		MaxHeap:     uint64(cfg.MaxHeap),
-		Saver:       saverConfig(cfg, dir, anon, capCfg, d.m, log),
+		Savers:      saver.NewPool(*saverConfig(cfg, dir, anon, capCfg, d.m, log)),
 		Metrics:     d.m,
 		Log:         log,
 		LogKey:      d.logKey,
