@@ -187,7 +187,7 @@ func (s *Saver) endHeader(why ending) (*Record, error) {
 
 // fillIn writes b at offset off of the file.
 func (s *Saver) fillIn(off int, b []byte) error {
-	if !s.cfg.Stream {
+	if s.file == nil {
 		copy(s.buf.Bytes()[off:], b)
 		return nil
 	}
@@ -200,7 +200,7 @@ func (s *Saver) fillIn(off int, b []byte) error {
 // copies, with copy_file_range).
 func (s *Saver) rewrite(head []byte) error {
 	old := len(s.w.head)
-	if !s.cfg.Stream {
+	if s.file == nil {
 		b := bytes.NewBuffer(make([]byte, 0, len(head)+s.buf.Len()-old))
 		b.Write(head)
 		b.Write(s.buf.Bytes()[old:])

@@ -463,6 +463,14 @@ func TestRecordStreamAndBufferedIdentical(t *testing.T) {
 			if !bytes.Equal(buffered, stream) {
 				t.Fatalf("buffered (%d bytes) and stream (%d bytes) files differ", len(buffered), len(stream))
 			}
+			// Buffered, spilled to its file after the first bytes.
+			old := spillSize
+			spillSize = 1
+			spilled := save(t, base, false, false, tt.pkts(t))
+			spillSize = old
+			if !bytes.Equal(spilled, stream) {
+				t.Fatalf("buffered and spilled (%d bytes) and stream (%d bytes) files differ", len(spilled), len(stream))
+			}
 			if !bytes.Equal(plain, save(t, base, true, true, tt.pkts(t))) {
 				t.Fatal("without a record, buffered and stream files differ")
 			}

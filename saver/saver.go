@@ -440,7 +440,7 @@ func (s *Saver) start(p *flow.Packet) error {
 		out = f
 	} else {
 		s.buf = new(bytes.Buffer)
-		out = s.buf
+		out = spillWriter{s}
 	}
 	s.srcLen, s.srcPort = source(p, &s.src)
 	s.w = newPCAPWriter(out, int(p.L4)+maxTCPHeader, s.cfg.Level, s.reserveHeader)
@@ -451,6 +451,52 @@ func (s *Saver) start(p *flow.Packet) error {
 	s.timer = time.NewTimer(s.cfg.CaptureDuration)
 	s.timerC = s.timer.C
 	return nil
+}
+
+// spillSize is how much of a compressed file the buffered mode holds in
+// RAM. A larger file goes to its unnamed file (as in -stream) from then on:
+// a bulk flow's file grows by megabytes a second, and growing a buffer that
+// large, copy after copy, kept the garbage collector so busy that the
+// capture fell behind and the kernel dropped packets (BENCHMARKS.md). Short
+// flows, nearly all of them, never reach it and are written at their end in
+// one write. The file's bytes are the same either way.
+var spillSize = 4 << 20
+
+// spillWriter is the buffered mode's output: the buffer until it would
+// exceed spillSize, then the unnamed file, the buffer first.
+type spillWriter struct{ s *Saver }
+
+func (w spillWriter) Write(p []byte) (int, error) {
+	s := w.s
+	if s.file != nil {
+		return s.file.Write(p)
+	}
+	if s.buf.Len()+len(p) <= spillSize {
+		return s.buf.Write(p)
+	}
+	f, err := createDated(s.cfg.Dir, s.dirPath, dateDir(s.opened))
+	if err != nil {
+		return 0, err
+	}
+	if _, err := s.buf.WriteTo(f); err != nil {
+		f.Close() // unnamed: freed
+		return 0, err
+	}
+	s.buf, s.file = nil, f
+	return f.Write(p)
+}
+
+// createDated is createHidden in dir (root/rel), creating the date
+// directories first if need be.
+func createDated(root, dir, rel string) (*os.File, error) {
+	f, err := createHidden(dir)
+	if err == nil {
+		return f, nil
+	}
+	if err := makeDirs(root, rel); err != nil {
+		return nil, err
+	}
+	return createHidden(dir)
 }
 
 // open creates the date directory as needed and the unnamed file in it.
@@ -487,7 +533,7 @@ func (s *Saver) finish(why ending) {
 		s.fail(WriteError, "finish pcap file", err)
 		return
 	}
-	if !s.cfg.Stream {
+	if s.file == nil { // buffered, and not spilled
 		f, err := s.open()
 		if err != nil {
 			return
