@@ -42,14 +42,20 @@ type echoServer struct {
 }
 
 func startEchoServer(t *testing.T, tp *topology, respLen int) *echoServer {
+	return startEchoServerOn(t, tp.serverNS, serverV4, serverV6, respLen)
+}
+
+// startEchoServerOn starts an echo server in namespace ns, listening on v4
+// and v6.
+func startEchoServerOn(t *testing.T, ns *os.File, v4, v6 string, respLen int) *echoServer {
 	s := &echoServer{respLen: respLen, cookies: map[string]uint64{}}
 	s.accepted = sync.NewCond(&s.mu)
-	err := netns.Run(tp.serverNS, func() error {
+	err := netns.Run(ns, func() error {
 		var err error
-		if s.ln4, err = net.Listen("tcp4", serverV4+":0"); err != nil {
+		if s.ln4, err = net.Listen("tcp4", v4+":0"); err != nil {
 			return err
 		}
-		s.ln6, err = net.Listen("tcp6", "["+serverV6+"]:0")
+		s.ln6, err = net.Listen("tcp6", "["+v6+"]:0")
 		return err
 	})
 	if err != nil {
@@ -93,6 +99,14 @@ func (s *echoServer) serve(ln net.Listener) {
 // uuidOf returns the UUID of the server's socket for a client, waiting for
 // the server to accept it (the client's connect returns before that).
 func (s *echoServer) uuidOf(t *testing.T, client string) string {
+	t.Helper()
+	return s.newUUIDOf(t, client, map[uint64]bool{})
+}
+
+// newUUIDOf is uuidOf for a client address that earlier connections used
+// too: it waits for a cookie not in seen, and adds it there.
+func (s *echoServer) newUUIDOf(t *testing.T, client string, seen map[uint64]bool) string {
+	t.Helper()
 	timer := time.AfterFunc(10*time.Second, func() {
 		s.mu.Lock()
 		s.accepted.Broadcast()
@@ -102,15 +116,16 @@ func (s *echoServer) uuidOf(t *testing.T, client string) string {
 	deadline := time.Now().Add(10 * time.Second)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	cookie, ok := s.cookies[client]
-	for !ok && time.Now().Before(deadline) {
+	for {
+		if cookie, ok := s.cookies[client]; ok && !seen[cookie] {
+			seen[cookie] = true
+			return fmt.Sprintf("%s_%016X", uuidPrefix, cookie)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no new connection accepted from %s", client)
+		}
 		s.accepted.Wait()
-		cookie, ok = s.cookies[client]
 	}
-	if !ok {
-		t.Fatalf("no cookie for client %s", client)
-	}
-	return fmt.Sprintf("%s_%016X", uuidPrefix, cookie)
 }
 
 // conn is one client connection of the test.

@@ -78,32 +78,6 @@ func ifsNamespace(t *testing.T, name string) *os.File {
 	return f
 }
 
-// ifsEchoServer is startEchoServer listening on other addresses.
-func ifsEchoServer(t *testing.T, ns *os.File, v4, v6 string, respLen int) *echoServer {
-	s := &echoServer{respLen: respLen, cookies: map[string]uint64{}}
-	s.accepted = sync.NewCond(&s.mu)
-	err := netns.Run(ns, func() error {
-		var err error
-		if s.ln4, err = net.Listen("tcp4", v4+":0"); err != nil {
-			return err
-		}
-		s.ln6, err = net.Listen("tcp6", "["+v6+"]:0")
-		return err
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, ln := range []net.Listener{s.ln4, s.ln6} {
-		s.wg.Go(func() { s.serve(ln) })
-	}
-	t.Cleanup(func() {
-		s.ln4.Close()
-		s.ln6.Close()
-		s.wg.Wait()
-	})
-	return s
-}
-
 // ifsNewEnvTimed is newEnvFor for a daemon without -interface, beside
 // tcp-info: it also returns how long after its launch the daemon logged
 // that it started.
@@ -374,7 +348,7 @@ func TestHotPlug(t *testing.T) {
 	if !h.tcpdump.log.waitFor("listening on", 1, 10*time.Second) {
 		t.Fatalf("tcpdump did not start: %s", h.tcpdump.log.String())
 	}
-	h.server = ifsEchoServer(t, e.tp.serverNS, hotServerV4, hotServerV6, 5000)
+	h.server = startEchoServerOn(t, e.tp.serverNS, hotServerV4, hotServerV6, 5000)
 
 	// The scenario: the flows start 3 s after the link came up.
 	time.Sleep(time.Until(up.Add(3 * time.Second)))

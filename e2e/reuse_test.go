@@ -53,31 +53,6 @@ func dialFrom(t *testing.T, tp *topology, local *net.TCPAddr, addr string) net.C
 	return c
 }
 
-// newUUIDOf is uuidOf for a client address that earlier connections used
-// too: it waits for a cookie not in seen, and adds it there.
-func (s *echoServer) newUUIDOf(t *testing.T, client string, seen map[uint64]bool) string {
-	t.Helper()
-	timer := time.AfterFunc(10*time.Second, func() {
-		s.mu.Lock()
-		s.accepted.Broadcast()
-		s.mu.Unlock()
-	})
-	defer timer.Stop()
-	deadline := time.Now().Add(10 * time.Second)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for {
-		if cookie, ok := s.cookies[client]; ok && !seen[cookie] {
-			seen[cookie] = true
-			return fmt.Sprintf("%s_%016X", uuidPrefix, cookie)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no new connection accepted from %s", client)
-		}
-		s.accepted.Wait()
-	}
-}
-
 // tcpFlags returns a packet's TCP flags and whether it goes to server.
 func tcpFlags(t *testing.T, p replay.Packet, server net.IP) (flags byte, toServer bool) {
 	h, err := flow.Parse(p.Raw, flow.LinkEthernet)
