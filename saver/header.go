@@ -19,20 +19,24 @@ import (
 // for the record (reserveHeader); at the end the record is written into that
 // room, padded with spaces (JSON allows them after the value), in place: a
 // pwrite at its offset in stream mode, a copy into the buffer otherwise. A
-// record that does not fit (counts beyond the room reserved for them, which
-// the reservation makes rare) gets a header of its own size and the file is
-// rewritten behind it. The two modes take the same steps at the same points
+// record that does not fit (counts beyond the room reserved for them, see
+// reservePackets) gets a header of its own size and the file is rewritten
+// behind it. The two modes take the same steps at the same points
 // of the stream, so their files stay byte-identical.
 
-// reserveSlack is the room reserved, in a header written before the flow's
-// end, beyond the record with every count at zero: for the digits of the
-// counts and for the reasons of missed packets, which are only known at the
-// end. 24 bytes hold, say, a million packets with up to 999 of them past
-// the capture duration ("duration":999) and 99 kernel drops, which covers
-// the long flows that such headers are written for (a file needs a header
-// written early only once its pcap stream passes one chunk, 128 KiB, about
-// a thousand packets). A longer record costs a rewrite of the file.
-const reserveSlack = 24
+// The room a header written before the flow's end reserves is the record
+// as it would read with the counts that are not known yet at their reserved
+// widths (reserveHeader): a file gets such a header only once its pcap
+// stream passes one chunk (128 KiB, a thousand packets or more), so its
+// final count is reserved at reservePackets' width, and its kernel drops at
+// one digit more than they already are (at least two). Reasons for missed
+// packets that are not known yet (duration, backlog) get no room: a record
+// that does not fit, as when a long flow is truncated while packets still
+// came, costs a rewrite of the file (in the kernel, with copy_file_range)
+// but keeps the file's size exact. Room reserved and not used is spaces:
+// with 7 digits reserved, a long file's record is at most 3 bytes longer
+// than it needs (a count of 1,000 packets, a false fin_or_rst_seen).
+const reservePackets = 9_999_999
 
 // TCP flags, in byte 13 of the TCP header.
 const (
@@ -125,8 +129,9 @@ func (s *Saver) record(why ending, backlog uint64) *Record {
 }
 
 // reserveHeader returns the gzip header written before the flow's end, whose
-// comment reserves room for the record: the record with every count at zero
-// and every flag false (the longer word), plus reserveSlack.
+// comment reserves room for the record: the record with the counts not
+// known yet at their reserved widths, and each flag that can still change at
+// its longer word (false). syn_seen cannot: a SYN comes first.
 func (s *Saver) reserveHeader() []byte {
 	if s.cfg.noRecord {
 		return plainGzipHeader[:]
@@ -139,11 +144,14 @@ func (s *Saver) reserveHeader() []byte {
 		Interfaces:    s.cfg.Interfaces,
 		FirstPacket:   FormatRecordTime(s.first),
 		LastPacket:    FormatRecordTime(s.first), // every time has the same width
+		Packets:       max(reservePackets, uint64(s.w.records)),
 		// Known already: the demuxer set it before Run.
 		MissedPackets: Missed{Pending: s.missedPending},
+		SYNSeen:       s.syn,
 	}
 	if s.cfg.Drops != nil {
-		r.KernelDrops = new(uint64)
+		n := max(99, s.cfg.Drops.KernelDropsSince(s.first)*10+9)
+		r.KernelDrops = &n
 	}
 	b, err := r.marshal()
 	if err != nil {
@@ -151,7 +159,7 @@ func (s *Saver) reserveHeader() []byte {
 		// is written at the end, behind a header of its own size.
 		b = nil
 	}
-	s.reserved = len(b) + reserveSlack
+	s.reserved = len(b)
 	return gzipHeader(s.mtime(), s.gzipName(), nil, s.reserved)
 }
 
