@@ -735,7 +735,7 @@ func (d *Demuxer) startSaver(e *entry, ev Open) {
 	e.saver = d.cfg.Savers.New(ev.UUID, ev.Time, flowLog{ev.Key, d.cfg.LogKey})
 	e.saver.MissedPending(uint64(e.missed))
 	e.missed = 0 // the entry may serve a later connection on its 4-tuple
-	d.wg.Go(e.saver.Run)
+	e.saver.Start(&d.wg)
 }
 
 // flowLog formats a flow for a log line only when the line is logged.

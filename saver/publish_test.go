@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -147,13 +148,13 @@ func recordSyncs(t *testing.T, final func() string, fail func(isDir bool) error)
 // saveFlow runs one saver for uuid over pkts and closes it.
 func saveFlow(pool *Pool, uuid string, pkts []replay.Packet) {
 	s := pool.New(uuid, opened, nil)
-	done := make(chan struct{})
-	go func() { s.Run(); close(done) }()
+	var wg sync.WaitGroup
+	s.Start(&wg)
 	for _, p := range pkts {
 		s.Push(p.Packet)
 	}
 	s.Close()
-	<-done
+	wg.Wait()
 }
 
 // TestSyncOrder checks what Config.Sync syncs, and when: the file before it

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"testing/synctest"
@@ -125,7 +126,7 @@ func saveAll(cfg *Config, uuid string, pkts []replay.Packet, missedPending uint6
 		s.Push(p.Packet)
 	}
 	s.Close()
-	s.Run()
+	runNow(s)
 	return s
 }
 
@@ -340,14 +341,14 @@ func TestRecordTruncatedByTheClock(t *testing.T) {
 				cfg, _ := recordConfig(t, dir, 0)
 				cfg.CaptureDuration = 10 * time.Second
 				s := NewPool(*cfg).New(testUUID, opened, nil)
-				done := make(chan struct{})
-				go func() { s.Run(); close(done) }()
+				var wg sync.WaitGroup
+				s.Start(&wg)
 				for _, p := range tt.pkts(t) {
 					s.Push(p.Packet)
 				}
 				synctest.Wait()
 				time.Sleep(10 * time.Second) // synctest's clock
-				<-done
+				wg.Wait()
 				rec, _ := fileRecord(t, DatePath(dir, testUUID, opened))
 				if rec.Truncated != tt.truncated || rec.FINOrRSTSeen != tt.finOrRST || rec.MissedPackets.Duration != 0 {
 					t.Errorf("truncated %v fin_or_rst %v missed %+v, want %v %v none", rec.Truncated, rec.FINOrRSTSeen, rec.MissedPackets, tt.truncated, tt.finOrRST)
@@ -797,7 +798,7 @@ func BenchmarkSmallFiles(b *testing.B) {
 						s.Push(p.Packet)
 					}
 					s.Close()
-					s.Run()
+					runNow(s)
 					took[v] += time.Since(start)
 				}
 			}

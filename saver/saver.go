@@ -167,9 +167,18 @@ func (c *Pool) logError(s *Saver, msg string, err error) {
 	c.Log.Error(msg, "uuid", s.uuid, "flow", s.flow, "err", err)
 }
 
-// Saver saves one flow. Push and Close are called by one goroutine (the
-// demuxer); Run is the saver's own goroutine. State is safe to call from
-// anywhere.
+// Saver saves one flow. Start, Push, Queue, Wake and Close are called by one
+// goroutine (the demuxer); State is safe to call from anywhere.
+//
+// A saver's goroutine starts only when the saver has work that must not be
+// done on the demuxer's goroutine: compressing a full chunk (128 KiB of
+// pcap), publishing the file (at Close, or when the capture duration ends),
+// or the packets pushed before Start. Until then Queue writes each packet's
+// pcap record into the saver's chunk at once, on the caller's goroutine, a
+// few hundred nanoseconds of copying. Most flows are short: their saver's
+// goroutine runs once, at the end, to compress and publish the file, instead
+// of being started at the flow's first packet and woken for every batch of
+// it (see README.md, "The saver", for what that saved).
 type Saver struct {
 	cfg    *Pool
 	uuid   string
@@ -179,11 +188,15 @@ type Saver struct {
 	// logged, not for every flow.
 	flow slog.LogValuer
 
-	mu     sync.Mutex
-	queue  []flow.Packet // packets pushed and not yet taken by Run
-	closed bool          // Close was called
-	exited bool          // Run has returned
-	wake   chan struct{} // capacity 1: "the queue has packets or closed is set"
+	mu      sync.Mutex
+	queue   []flow.Packet // packets pushed and not yet taken by run
+	closed  bool          // Close was called
+	timeUp  bool          // the capture duration's clock has run out
+	started bool          // Start was called
+	running bool          // run's goroutine was started: Queue only queues
+	exited  bool          // run has returned
+	wake    chan struct{} // capacity 1: "the queue has packets, or closed or timeUp is set"
+	wg      *sync.WaitGroup
 
 	state      atomic.Int32
 	discarding atomic.Bool // nothing more will be saved; Push drops silently
@@ -194,16 +207,15 @@ type Saver struct {
 	// missedPending is set by MissedPending before Run.
 	missedPending uint64
 
-	// Owned by Run.
+	// Owned by Queue (under mu) until the goroutine starts, then by run.
 	spare   []flow.Packet
 	w       *pcapWriter
-	file    *os.File      // the unnamed file (stream mode: from the first packet)
+	file    *os.File      // the unnamed file (stream mode: from the first chunk written)
 	buf     *bytes.Buffer // the compressed file (buffered mode)
 	first   int64         // timestamp of the first packet
-	timer   *time.Timer
-	timerC  <-chan time.Time
+	timer   *time.Timer   // the capture duration's clock, from the first packet
 	dirPath string
-	// What the record says of the flow (Run's).
+	// What the record says of the flow.
 	last      int64    // timestamp of the last packet written
 	reserved  int      // the room reserved for the record in the header written early, or 0
 	missedCut uint64   // packets past the capture duration dropped before publication
@@ -213,6 +225,7 @@ type Saver struct {
 	src       [16]byte // the first packet's source address and port, to tell FINs apart
 	srcLen    uint8
 	srcPort   uint16
+	failed    bool // fail was called
 }
 
 // ending is what ends a file.
@@ -226,7 +239,7 @@ const (
 
 // New creates the saver of the flow named uuid, whose Open event has the
 // timestamp opened (it dates the file's directory); flow, if not nil,
-// describes the flow in its log lines. Start it with go s.Run().
+// describes the flow in its log lines. Start it with Start.
 func (cfg *Pool) New(uuid string, opened time.Time, flow slog.LogValuer) *Saver {
 	if flow == nil {
 		flow = noFlow{}
@@ -248,7 +261,7 @@ func (noFlow) LogValue() slog.Value { return slog.StringValue("") }
 
 // MissedPending records that n packets of the flow were dropped while it
 // waited for its UUID (the demuxer's pending limits), for the capture
-// record. It must be called before Run.
+// record. It must be called before Start.
 func (s *Saver) MissedPending(n uint64) { s.missedPending = n }
 
 // UUID returns the flow's UUID.
@@ -284,7 +297,9 @@ func (s *Saver) Push(p flow.Packet) {
 // Queue is Push without waking the saver: it reports whether the saver must
 // be woken (with Wake) for the packet to be saved. The demuxer queues a
 // whole batch of packets and then wakes each saver it touched once, instead
-// of switching to a saver's goroutine for every packet.
+// of switching to a saver's goroutine for every packet. A started saver
+// whose goroutine is not running writes the packet at once and needs no
+// waking (see Saver).
 func (s *Saver) Queue(p flow.Packet) (wake bool) {
 	if s.discarding.Load() {
 		return false
@@ -298,10 +313,76 @@ func (s *Saver) Queue(p flow.Packet) (wake bool) {
 		s.cfg.missed[s.State()].Inc()
 		return false
 	}
+	if s.started && !s.running && !s.timeUp {
+		if s.addNow(&p) {
+			s.mu.Unlock()
+			return false
+		}
+		// Compressing or cutting is the goroutine's work.
+		s.queue = append(s.queue, p)
+		s.goLocked()
+		s.mu.Unlock()
+		return false
+	}
 	s.queue = append(s.queue, p)
 	first := len(s.queue) == 1
 	s.mu.Unlock()
 	return first
+}
+
+// addNow writes p on the caller's goroutine if that costs only a copy: it
+// reports false, writing nothing, if p would end the file (it is past the
+// capture duration) or fill the chunk (which must then be compressed). It is
+// called under mu, before the goroutine runs.
+func (s *Saver) addNow(p *flow.Packet) bool {
+	if s.w != nil {
+		if p.Time-s.first >= int64(s.cfg.CaptureDuration) {
+			return false
+		}
+		if len(s.w.chunk)+recordHeaderLen+min(len(p.Data), s.w.snaplen) >= chunkSize {
+			return false
+		}
+	}
+	s.add(p)
+	return true
+}
+
+// Start lets the saver save: from now on it starts its goroutine when it has
+// work for it (see Saver), which counts itself in wg until it returns. The
+// packets pushed before Start are saved by the goroutine, started now.
+func (s *Saver) Start(wg *sync.WaitGroup) {
+	wg.Add(1)
+	s.cfg.Metrics.SaversStarted.Inc()
+	s.setState(WaitingForPackets)
+	s.mu.Lock()
+	s.wg, s.started = wg, true
+	if len(s.queue) > 0 || s.closed {
+		s.goLocked()
+	}
+	s.mu.Unlock()
+}
+
+// goLocked starts the saver's goroutine, once, if Start was called. It is
+// called under mu.
+func (s *Saver) goLocked() {
+	if !s.started || s.running {
+		return
+	}
+	s.running = true
+	go s.run()
+}
+
+// clockRanOut is the capture duration's timer: the file ends even if no
+// packet comes to end it.
+func (s *Saver) clockRanOut() {
+	s.mu.Lock()
+	s.timeUp = true
+	running := s.running
+	s.goLocked()
+	s.mu.Unlock()
+	if running {
+		s.signal()
+	}
 }
 
 // Wake wakes the saver to save what Queue queued.
@@ -319,40 +400,40 @@ func (s *Saver) signal() {
 func (s *Saver) Close() {
 	s.mu.Lock()
 	s.closed = true
-	exited := s.exited
+	exited, running := s.exited, s.running
+	s.goLocked()
 	s.mu.Unlock()
 	if exited {
 		s.setState(Stopped)
 		return
 	}
-	s.signal()
+	if running {
+		s.signal()
+	}
 }
 
 // take swaps the queue out for the spare slice.
-func (s *Saver) take() ([]flow.Packet, bool) {
+func (s *Saver) take() (batch []flow.Packet, closed, timeUp bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	batch := s.queue
+	batch = s.queue
 	s.queue = s.spare[:0]
 	s.spare = nil
-	return batch, s.closed
+	timeUp = s.timeUp
+	s.timeUp = false
+	return batch, s.closed, timeUp
 }
 
-// Run saves the flow until Close is called or the capture duration is over.
-// It is the saver's goroutine.
-func (s *Saver) Run() {
-	m := s.cfg.Metrics
-	m.SaversStarted.Inc()
-	defer m.SaversStopped.Inc()
-	s.setState(WaitingForPackets)
+// run saves the flow until Close is called or the capture duration is over.
+// It is the saver's goroutine, started with work to do.
+func (s *Saver) run() {
+	defer s.wg.Done()
+	defer s.cfg.Metrics.SaversStopped.Inc()
 	for {
-		select {
-		case <-s.wake:
-		case <-s.timerC:
-			s.timerC = nil
+		batch, closed, timeUp := s.take()
+		if timeUp {
 			s.finish(endTimer)
 		}
-		batch, closed := s.take()
 		for i := range batch {
 			if s.discarding.Load() {
 				break
@@ -369,7 +450,7 @@ func (s *Saver) Run() {
 			s.add(p)
 		}
 		// Drop the references to the packets' bytes before keeping the
-		// slice for reuse. The two slices ping-pong between Push and Run,
+		// slice for reuse. The two slices ping-pong between Queue and run,
 		// so a busy flow allocates none; one grown by a long burst
 		// (beyond 1.3 MB) is let go.
 		clear(batch)
@@ -385,10 +466,11 @@ func (s *Saver) Run() {
 			s.exit(false)
 			return
 		}
+		<-s.wake
 	}
 }
 
-// exit records that Run is returning. Savers that stop before their flow
+// exit records that run is returning. Savers that stop before their flow
 // ends stay in their last state (discarding or an error) until Close.
 func (s *Saver) exit(closed bool) {
 	if s.timer != nil {
@@ -427,18 +509,13 @@ func (s *Saver) add(p *flow.Packet) {
 }
 
 // start begins the file at the flow's first packet, which sets the snaplen.
+// Nothing is written to disk yet: in stream mode the unnamed file is
+// created when the first chunk is written to it.
 func (s *Saver) start(p *flow.Packet) error {
 	s.first = p.Time
 	s.dirPath = filepath.Join(s.cfg.Dir, dateDir(s.opened))
-	var out io.Writer
-	if s.cfg.Stream {
-		f, err := s.open()
-		if err != nil {
-			return err
-		}
-		s.file = f
-		out = f
-	} else {
+	var out io.Writer = streamWriter{s}
+	if !s.cfg.Stream {
 		s.buf = new(bytes.Buffer)
 		out = spillWriter{s}
 	}
@@ -448,9 +525,24 @@ func (s *Saver) start(p *flow.Packet) error {
 	// The capture duration is also enforced by the clock, so that a flow
 	// that goes quiet is published on time rather than when it is
 	// garbage-collected.
-	s.timer = time.NewTimer(s.cfg.CaptureDuration)
-	s.timerC = s.timer.C
+	s.timer = time.AfterFunc(s.cfg.CaptureDuration, s.clockRanOut)
 	return nil
+}
+
+// streamWriter is the stream mode's output: the unnamed file, created at the
+// first write.
+type streamWriter struct{ s *Saver }
+
+func (w streamWriter) Write(p []byte) (int, error) {
+	s := w.s
+	if s.file == nil {
+		f, err := s.open()
+		if err != nil {
+			return 0, err
+		}
+		s.file = f
+	}
+	return s.file.Write(p)
 }
 
 // spillSize is how much of a compressed file the buffered mode holds in
@@ -611,6 +703,10 @@ func (c *Pool) syncDirs(dir, rel string) error {
 // fail ends the saver's work on an error: the flow's file, if any, is closed
 // unnamed, so the kernel frees it and nothing partial is ever visible.
 func (s *Saver) fail(st State, msg string, err error) {
+	if s.failed {
+		return // counted and logged once, at the first error
+	}
+	s.failed = true
 	s.discarding.Store(true)
 	if s.file != nil {
 		s.file.Close() // The unnamed file is discarded; its close error means nothing.

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -115,13 +116,13 @@ func expected(pkts []replay.Packet, snaplen int) []record {
 // runSaver pushes pkts through a saver and closes it.
 func runSaver(cfg *Config, pkts []replay.Packet) *Saver {
 	s := NewPool(*cfg).New(testUUID, opened, nil)
-	done := make(chan struct{})
-	go func() { s.Run(); close(done) }()
+	var wg sync.WaitGroup
+	s.Start(&wg)
 	for _, p := range pkts {
 		s.Push(p.Packet)
 	}
 	s.Close()
-	<-done
+	wg.Wait()
 	return s
 }
 
@@ -228,8 +229,8 @@ func TestCaptureDurationClockPublishes(t *testing.T) {
 		cfg := newConfig(t, dir)
 		cfg.CaptureDuration = 10 * time.Second
 		s := NewPool(*cfg).New(testUUID, opened, nil)
-		done := make(chan struct{})
-		go func() { s.Run(); close(done) }()
+		var wg sync.WaitGroup
+		s.Start(&wg)
 		for _, p := range readPackets(t, "v4.pcap") {
 			s.Push(p.Packet)
 		}
@@ -238,7 +239,7 @@ func TestCaptureDurationClockPublishes(t *testing.T) {
 			t.Fatalf("file visible before the capture duration: %v", err)
 		}
 		time.Sleep(10 * time.Second) // fake time: synctest's clock
-		<-done
+		wg.Wait()
 		if got := s.State(); got != Discarding {
 			t.Errorf("state %v, want discardingpackets", got)
 		}
@@ -429,7 +430,7 @@ func TestBacklogFullCountsMissed(t *testing.T) {
 		t.Errorf("missed = %v, want 2", n)
 	}
 	s.Close()
-	s.Run()
+	runNow(s)
 	if got := len(readBack(t, DatePath(dir, testUUID, opened)).Records); got != 5 {
 		t.Errorf("saved %d records, want 5", got)
 	}
@@ -494,8 +495,8 @@ func BenchmarkSaver(b *testing.B) {
 			// saver's throughput, not what it drops when it falls behind.
 			cfg := &Config{Dir: b.TempDir(), CaptureDuration: time.Hour, Stream: stream, MaxBacklog: b.N + 1, Metrics: metrics.New(prometheus.NewRegistry())}
 			s := NewPool(*cfg).New(testUUID, opened, nil)
-			done := make(chan struct{})
-			go func() { s.Run(); close(done) }()
+			var wg sync.WaitGroup
+			s.Start(&wg)
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
@@ -504,7 +505,7 @@ func BenchmarkSaver(b *testing.B) {
 				s.Push(p)
 			}
 			s.Close()
-			<-done
+			wg.Wait()
 			b.StopTimer()
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N), "ns/pkt")
 			if got := testutil.ToFloat64(cfg.Metrics.PacketsSaved); got != float64(b.N) {
@@ -512,4 +513,12 @@ func BenchmarkSaver(b *testing.B) {
 			}
 		})
 	}
+}
+
+// runNow starts s, whose packets are pushed and which is closed already, and
+// waits for it to publish: its goroutine takes every packet in one batch.
+func runNow(s *Saver) {
+	var wg sync.WaitGroup
+	s.Start(&wg)
+	wg.Wait()
 }

@@ -18,23 +18,27 @@ import (
 // usual way, with the socket in the runtime's network poller, every write
 // woke the daemon (the poller's thread, then the reading goroutine, then the
 // demuxer). Instead, the socket is kept out of the poller. While events come,
-// it is read without blocking: whatever is there is read at once, and when
-// nothing is, the reader sleeps, readGap at first and longer up to
-// readIdleGap. After quietAfter without an event, the reader blocks in
-// poll(2) until the socket has data (or the context ends), so that a quiet
-// eventsocket costs nothing. An event waits at most readIdleGap to be read
-// (the demuxer holds a flow's packets for seconds meanwhile), and tcp-info,
-// which blocks when the socket's buffer is full, waits at most that long for
-// room.
+// it is read without blocking every readGap: whatever is there is read at
+// once. After quietAfter without an event, the reader blocks in poll(2)
+// until the socket has data (or the context ends), so that a quiet
+// eventsocket costs nothing. An event waits at most readGap to be read (the
+// demuxer holds a flow's packets for seconds meanwhile), and tcp-info, which
+// blocks when the socket's buffer is full, waits at most that long for room
+// (the buffer, wmem_default, 208 KB by default, holds a few hundred events,
+// each written as its own message).
 //
-// In the churn benchmark beside tcp-info, reading by polling took the
-// daemon's CPU per flow from 345, 347 and 384 µs to 298, 309 and 326 µs
-// (interleaved runs); blocking when quiet keeps an idle daemon's CPU where it
-// was with the network poller.
+// Each wake-up costs far more than the events it reads: besides the
+// goroutines and threads it wakes, the runtime's monitor thread, asleep
+// while the daemon is idle, polls every 20 µs for a while after each. In the
+// churn benchmark beside tcp-info (200 connections a second), reading by
+// polling took the daemon's CPU per flow from 345, 347 and 384 µs to 298,
+// 309 and 326 µs (interleaved runs, reads every 10 ms), and reading every
+// 50 ms rather than every 10 from 139 and 143 µs to 108 and 108 (tmpfs;
+// BENCHMARKS.md); blocking when quiet keeps an idle daemon's CPU where it was
+// with the network poller.
 const (
-	readGap     = 10 * time.Millisecond
-	readIdleGap = 50 * time.Millisecond
-	quietAfter  = time.Second
+	readGap    = 50 * time.Millisecond
+	quietAfter = time.Second
 )
 
 // pollingReader reads a socket as described above.
@@ -44,7 +48,6 @@ type pollingReader struct {
 	cancelFD int // an eventfd written when ctx is done, to end a poll(2)
 	stop     func() bool
 	fired    chan struct{} // closed when the AfterFunc has written
-	wait     time.Duration // the next sleep
 	timer    *time.Timer
 	lastData time.Time
 }
@@ -80,7 +83,7 @@ func newPollingReader(ctx context.Context, conn net.Conn) (io.ReadCloser, error)
 		unix.Close(fd)
 		return nil, os.NewSyscallError("eventfd", err)
 	}
-	r := &pollingReader{ctx: ctx, fd: fd, cancelFD: efd, wait: readGap, fired: make(chan struct{})}
+	r := &pollingReader{ctx: ctx, fd: fd, cancelFD: efd, fired: make(chan struct{})}
 	r.stop = context.AfterFunc(ctx, func() {
 		defer close(r.fired)
 		var one [8]byte
@@ -118,7 +121,6 @@ func (r *pollingReader) Read(p []byte) (int, error) {
 		r1, _, errno := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(r.fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), unix.MSG_DONTWAIT, 0, 0)
 		switch n := int(r1); {
 		case errno == 0 && n > 0:
-			r.wait = readGap
 			r.lastData = time.Now()
 			return n, nil
 		case errno == 0:
@@ -135,15 +137,14 @@ func (r *pollingReader) Read(p []byte) (int, error) {
 			continue
 		}
 		if r.timer == nil {
-			r.timer = time.NewTimer(r.wait)
+			r.timer = time.NewTimer(readGap)
 		} else {
-			r.timer.Reset(r.wait)
+			r.timer.Reset(readGap)
 		}
 		select {
 		case <-r.ctx.Done():
 		case <-r.timer.C:
 		}
-		r.wait = min(2*r.wait, readIdleGap)
 	}
 }
 

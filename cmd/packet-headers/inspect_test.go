@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -55,7 +56,9 @@ func writeFlow(t *testing.T, dir string, args []string, uuid, capture string, dr
 		s.Push(p.Packet)
 	}
 	s.Close()
-	s.Run()
+	var wg sync.WaitGroup
+	s.Start(&wg)
+	wg.Wait()
 	path := saver.DatePath(dir, uuid, opened)
 	if _, err := os.Stat(path); err != nil {
 		t.Fatalf("%s not published: %v", uuid, err)
