@@ -339,7 +339,7 @@ func (s *Saver) addNow(p *flow.Packet) bool {
 		if p.Time-s.first >= int64(s.cfg.CaptureDuration) {
 			return false
 		}
-		if len(s.w.chunk)+recordHeaderLen+min(len(p.Data), s.w.snaplen) >= chunkSize {
+		if len(s.w.chunk)+recordHeaderLen+min(len(p.Data), s.w.snaplen) >= s.w.chunkLimit() {
 			return false
 		}
 	}
