@@ -11,9 +11,9 @@
 //
 // # Delay
 //
-// Each socket's goroutine sleeps in poll(2) until the kernel hands it a ring
-// block or it is told to stop or change its filter; an idle capture costs no
-// CPU. The kernel hands a block over when it is full or Timeout after its
+// Each socket's goroutine sleeps in the runtime's network poller (openWaiter)
+// until the kernel hands it a ring block or it is told to stop or change its
+// filter; an idle capture costs no CPU. The kernel hands a block over when it is full or Timeout after its
 // first packet, whichever comes first. The goroutine then reads every block
 // that is ready, and hands each batch on when it is full or when the ring
 // has nothing more to read right now. So a packet reaches the demuxer at most
@@ -24,7 +24,8 @@
 //
 // Only the goroutine that runs an Interface touches its socket and ring:
 // filter changes and stops are handed to it through a mutex-guarded mailbox
-// and an eventfd that wakes its poll, and it closes the socket itself when it
+// and a read deadline of now that wakes its wait in the poller (or an
+// eventfd, when it waits in poll(2)), and it closes the socket itself when it
 // ends.
 package capture
 
@@ -40,6 +41,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -128,7 +130,8 @@ type Interface struct {
 
 	// The mailbox: what other goroutines ask of the reading goroutine.
 	mu        sync.Mutex
-	wake      int // eventfd; -1 once closed
+	wake      int      // eventfd; -1 once closed
+	waiter    *os.File // the socket's duplicate in the runtime's poller, or nil
 	newFilter []unix.SockFilter
 	stopAt    time.Time
 
@@ -245,10 +248,15 @@ func (c *Interface) Stop() {
 	c.signal()
 }
 
-// signal wakes the reading goroutine; c.mu is held.
+// signal wakes the reading goroutine; c.mu is held. A goroutine waiting in
+// the runtime's poller is woken by a deadline of now, one in poll(2) by the
+// eventfd.
 func (c *Interface) signal() {
 	if c.wake < 0 {
 		return
+	}
+	if c.waiter != nil {
+		c.waiter.SetReadDeadline(time.Now()) // fails only once closed
 	}
 	var one [8]byte
 	one[0] = 1 // host order on little-endian; any non-zero value wakes
@@ -313,7 +321,21 @@ func (c *Interface) Run(ctx context.Context, out chan<- *flow.Batch) (err error)
 	trafficSinceStats := false
 	nextStats := time.Now().Add(statsInterval)
 	pfd := []unix.PollFd{{Fd: int32(c.src.fd()), Events: unix.POLLIN}, {Fd: int32(c.wake), Events: unix.POLLIN}}
+	waiter, rc := c.openWaiter()
+	defer c.closeWaiter()
+	// pollOnce: wait in poll(2) next time, not in the runtime's poller,
+	// which has reported an error on the socket (see wait).
+	pollOnce := false
+	var deadline time.Time // the waiter's deadline for the next wait
 	for {
+		if waiter != nil && !pollOnce {
+			// Set before the mailbox is read: a message that comes
+			// after it sets the deadline to now (signal).
+			deadline = wakeAt(trafficSinceStats, nextStats, drainUntil)
+			if err := waiter.SetReadDeadline(deadline); err != nil {
+				return fmt.Errorf("capture on %s: set deadline: %w", c.name, err)
+			}
+		}
 		filter, stopAt := c.mailbox()
 		if filter != nil {
 			if err := c.src.setFilter(filter); err != nil {
@@ -322,6 +344,9 @@ func (c *Interface) Run(ctx context.Context, out chan<- *flow.Batch) (err error)
 		}
 		if !stopAt.IsZero() && drainUntil.IsZero() {
 			drainUntil = stopAt.Add(c.cfg.timeout() + drainMargin)
+			if waiter != nil && !pollOnce {
+				continue // the deadline must include the drain
+			}
 		}
 		if c.readRing(out) > 0 {
 			trafficSinceStats = true
@@ -338,6 +363,47 @@ func (c *Interface) Run(ctx context.Context, out chan<- *flow.Batch) (err error)
 			c.readRing(out)
 			return nil
 		}
+		if waiter != nil && !pollOnce {
+			if trafficSinceStats && (deadline.IsZero() || nextStats.Before(deadline)) {
+				continue // the deadline must include the next stats read
+			}
+			woke := false
+			err := rc.Read(func(uintptr) bool {
+				if blockReady(c.src.block(c.cur)) {
+					return true
+				}
+				// Woken without a block: the socket may have an
+				// error (an interface going away), which the
+				// poller reports as an event like any other.
+				done := woke
+				woke = true
+				return done
+			})
+			switch {
+			case errors.Is(err, os.ErrDeadlineExceeded):
+				continue
+			case err == nil && blockReady(c.src.block(c.cur)):
+				continue
+			case err != nil:
+				// The poller reports nothing but an error on the
+				// socket, and will until its next event: wait in
+				// poll(2) once.
+				pollOnce = true
+			}
+			// poll(2) says what the socket has.
+			pfd[0].Revents = 0
+			if _, err := unix.Poll(pfd[:1], 0); err != nil && !errors.Is(err, unix.EINTR) {
+				return fmt.Errorf("capture on %s: poll: %w", c.name, err)
+			}
+			if pfd[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
+				if err := c.socketError(); err != nil {
+					c.readRing(out)
+					return err
+				}
+			}
+			continue
+		}
+		pollOnce = false
 		wait := -1 // sleep until a packet or a message
 		if trafficSinceStats {
 			wait = msUntil(now, nextStats)
@@ -363,6 +429,68 @@ func (c *Interface) Run(ctx context.Context, out chan<- *flow.Batch) (err error)
 				return err
 			}
 		}
+	}
+}
+
+// wakeAt is when the reading goroutine must wake up even if no block comes:
+// for the next kernel drop counter read while traffic flows, and at the end
+// of a stop's drain. Zero: only a block or a message wakes it.
+func wakeAt(trafficSinceStats bool, nextStats, drainUntil time.Time) time.Time {
+	var t time.Time
+	if trafficSinceStats {
+		t = nextStats
+	}
+	if !drainUntil.IsZero() && (t.IsZero() || drainUntil.Before(t)) {
+		t = drainUntil
+	}
+	return t
+}
+
+// openWaiter puts a duplicate of the socket into the runtime's network
+// poller, so that the reading goroutine waits for ring blocks there, with
+// the daemon's other goroutines, rather than in its own blocking poll(2).
+// A thread blocked in a system call for more than 10 ms is taken over by the
+// runtime's monitor thread, which then polls every 20 µs for a while: with
+// the capture asleep in poll(2) between blocks, that happened at every
+// block timeout. It returns nils, and the capture waits in poll(2), if the
+// socket cannot be polled that way.
+func (c *Interface) openWaiter() (*os.File, syscall.RawConn) {
+	fd, err := unix.FcntlInt(uintptr(c.src.fd()), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		c.log.Debug("capture waits in poll(2)", "err", err)
+		return nil, nil
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		c.log.Debug("capture waits in poll(2)", "err", err)
+		return nil, nil
+	}
+	f := os.NewFile(uintptr(fd), c.name)
+	rc, err := f.SyscallConn()
+	if err == nil {
+		// Not in the poller (os.NewFile could not add it): no deadlines.
+		err = f.SetReadDeadline(time.Time{})
+	}
+	if err != nil {
+		f.Close()
+		c.log.Debug("capture waits in poll(2)", "err", err)
+		return nil, nil
+	}
+	c.mu.Lock()
+	c.waiter = f
+	c.mu.Unlock()
+	return f, rc
+}
+
+// closeWaiter takes the socket's duplicate out of the poller and closes it
+// (the socket stays open).
+func (c *Interface) closeWaiter() {
+	c.mu.Lock()
+	f := c.waiter
+	c.waiter = nil
+	c.mu.Unlock()
+	if f != nil {
+		f.Close()
 	}
 }
 
