@@ -476,8 +476,8 @@ func TestStateString(t *testing.T) {
 			t.Errorf("state %d has name %q", s, n)
 		}
 		seen[n] = true
-		if _, ok := errorReasons[s]; ok != s.IsError() {
-			t.Errorf("state %v: reason %v, IsError %v", s, ok, s.IsError())
+		if _, ok := errorReasons[s]; ok != s.isError() {
+			t.Errorf("state %v: reason %v, IsError %v", s, ok, s.isError())
 		}
 	}
 	if State(-1).String() != "unknown" || numStates.String() != "unknown" {

@@ -69,8 +69,8 @@ func (s State) String() string {
 	return stateNames[s]
 }
 
-// IsError reports whether s is one of the error states.
-func (s State) IsError() bool { return s >= MkdirError && s < numStates }
+// isError reports whether s is one of the error states.
+func (s State) isError() bool { return s >= MkdirError && s < numStates }
 
 // Label values of the original that no saver state here carries. Their
 // series exist from the start (at zero where nothing is counted under them),

@@ -102,9 +102,9 @@ func New(path string, h Handler, m *metrics.Metrics, log *slog.Logger) *Client {
 	return c
 }
 
-// Connected reports whether the Client is connected to the eventsocket now.
+// isConnected reports whether the Client is connected to the eventsocket now.
 // It is safe for concurrent use.
-func (c *Client) Connected() bool { return c.connected.Load() }
+func (c *Client) isConnected() bool { return c.connected.Load() }
 
 // state is what the Client last logged about its connection, so that it logs
 // once per change rather than once per attempt.

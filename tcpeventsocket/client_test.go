@@ -157,7 +157,7 @@ func (tc *testClient) stop(t *testing.T) {
 	case <-time.After(waitLimit):
 		t.Fatalf("Run did not return within %v of cancel", waitLimit)
 	}
-	if tc.Connected() {
+	if tc.isConnected() {
 		t.Errorf("Connected() = true after Run returned")
 	}
 	if got := toFloat64(t, tc.m.EventsocketUp); got != 0 {
@@ -261,7 +261,7 @@ func TestClientSocketAppears(t *testing.T) {
 	tc := startClient(t, path)
 
 	tc.log.waitFor(t, "cannot connect")
-	if tc.Connected() {
+	if tc.isConnected() {
 		t.Errorf("Connected() = true with no socket")
 	}
 	ln := listen(t, path)
@@ -269,7 +269,7 @@ func TestClientSocketAppears(t *testing.T) {
 	send(t, c, open("a"))
 	tc.expectUUIDs(t, "a")
 
-	if !tc.Connected() {
+	if !tc.isConnected() {
 		t.Errorf("Connected() = false after an event")
 	}
 	if got := toFloat64(t, tc.m.EventsocketUp); got != 1 {
