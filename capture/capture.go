@@ -13,8 +13,8 @@
 //
 // Each socket's goroutine sleeps in the runtime's network poller (openWaiter)
 // until the kernel hands it a ring block or it is told to stop or change its
-// filter; an idle capture costs no CPU. The kernel hands a block over when it is full or Timeout after its
-// first packet, whichever comes first. The goroutine then reads every block
+// filter; an idle capture costs no CPU. The kernel hands a block over when
+// it is full or Timeout after its first packet, whichever comes first. The goroutine then reads every block
 // that is ready, and hands each batch on when it is full or when the ring
 // has nothing more to read right now. So a packet reaches the demuxer at most
 // Timeout (100 ms by default) plus the time to read the ring after it was
@@ -395,11 +395,8 @@ func (c *Interface) Run(ctx context.Context, out chan<- *flow.Batch) (err error)
 			if _, err := unix.Poll(pfd[:1], 0); err != nil && !errors.Is(err, unix.EINTR) {
 				return fmt.Errorf("capture on %s: poll: %w", c.name, err)
 			}
-			if pfd[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
-				if err := c.socketError(); err != nil {
-					c.readRing(out)
-					return err
-				}
+			if err := c.polledError(pfd[0], out); err != nil {
+				return err
 			}
 			continue
 		}
@@ -423,13 +420,24 @@ func (c *Interface) Run(ctx context.Context, out chan<- *flow.Batch) (err error)
 				return fmt.Errorf("capture on %s: read eventfd: %w", c.name, err)
 			}
 		}
-		if pfd[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
-			if err := c.socketError(); err != nil {
-				c.readRing(out)
-				return err
-			}
+		if err := c.polledError(pfd[0], out); err != nil {
+			return err
 		}
 	}
+}
+
+// polledError handles an error that poll(2) reports on the socket (see
+// socketError); if it ends the capture, what the ring still holds is handed
+// on first.
+func (c *Interface) polledError(p unix.PollFd, out chan<- *flow.Batch) error {
+	if p.Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) == 0 {
+		return nil
+	}
+	err := c.socketError()
+	if err != nil {
+		c.readRing(out)
+	}
+	return err
 }
 
 // wakeAt is when the reading goroutine must wake up even if no block comes:

@@ -171,14 +171,14 @@ func (c *Pool) logError(s *Saver, msg string, err error) {
 // goroutine (the demuxer); State is safe to call from anywhere.
 //
 // A saver's goroutine starts only when the saver has work that must not be
-// done on the demuxer's goroutine: compressing a full chunk (128 KiB of
-// pcap), publishing the file (at Close, or when the capture duration ends),
+// done on the demuxer's goroutine: compressing a full chunk of pcap,
+// publishing the file (at Close, or when the capture duration ends),
 // or the packets pushed before Start. Until then Queue writes each packet's
 // pcap record into the saver's chunk at once, on the caller's goroutine, a
 // few hundred nanoseconds of copying. Most flows are short: their saver's
 // goroutine runs once, at the end, to compress and publish the file, instead
 // of being started at the flow's first packet and woken for every batch of
-// it (see README.md, "The saver", for what that saved).
+// it (see README.md, "Layout", for why).
 type Saver struct {
 	cfg    *Pool
 	uuid   string
@@ -204,7 +204,7 @@ type Saver struct {
 	// missedBacklog counts the packets Queue dropped on a full backlog
 	// (under mu).
 	missedBacklog uint64
-	// missedPending is set by MissedPending before Run.
+	// missedPending is set by MissedPending before Start.
 	missedPending uint64
 
 	// Owned by Queue (under mu) until the goroutine starts, then by run.
@@ -313,7 +313,7 @@ func (s *Saver) Queue(p flow.Packet) (wake bool) {
 		s.cfg.missed[s.State()].Inc()
 		return false
 	}
-	if s.started && !s.running && !s.timeUp {
+	if s.started && !s.running { // (the clock running out starts it)
 		if s.addNow(&p) {
 			s.mu.Unlock()
 			return false
